@@ -1,0 +1,1 @@
+"""compose: see DESIGN.md. Filled in by its issue."""

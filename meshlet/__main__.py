@@ -1,0 +1,3 @@
+from meshlet.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""node: see DESIGN.md. Filled in by its issue."""

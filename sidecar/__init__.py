@@ -1,0 +1,1 @@
+"""sidecar: see DESIGN.md. Filled in by its issue."""
