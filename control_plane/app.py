@@ -1,0 +1,141 @@
+"""One control-plane process: wiring only (STYLE.md rule 8).
+
+Opens the store, loads the registry, starts the CA, the admin API and gRPC, runs the
+health and CA-rotation loops, and on SIGTERM stops accepting, drains and closes the
+store. Writes DATA_DIR/control-plane.json with the bound addresses once serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from certs.files import PUBLIC, SECRET, ensure_private_dir, write_files
+from control_plane.api import ApiContext, make_app
+from control_plane.core import ControlPlane
+from control_plane.health import HealthTracker
+from control_plane.registry import Config
+from control_plane.store import open_store
+from meshlet.addresses import format_hostport
+from meshlet.errors import MeshError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunConfig:
+    data_dir: Path
+    api: tuple[str, int] = ("127.0.0.1", 15080)
+    grpc: tuple[str, int] = ("127.0.0.1", 15010)
+    trust_domain: str = "mesh.local"
+    store: str = "sqlite"
+    vip_cidr: str = "198.19.128.0/17"
+    overlay_cidr: str = "198.19.0.0/17"
+    ttl_s: float = 15.0
+    deregister_after_s: float = 60.0
+    bookmark_s: float = 15.0
+    ca_poll_s: float = 2.0
+
+
+def ensure_token(path: Path) -> str:
+    """Read the token at ``path``, creating a random one (0600) on first start."""
+    if path.exists():
+        token = path.read_text().strip()
+        if token:
+            return token
+    token = secrets.token_urlsafe(32)
+    write_files(path.parent, {path.name: (token.encode() + b"\n", SECRET)})
+    return token
+
+
+async def every(interval: float, stop: asyncio.Event, step: Callable[[], Awaitable[None]]) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(interval):
+                await stop.wait()
+        if not stop.is_set():
+            try:
+                await step()
+            except MeshError as e:
+                log.warning("periodic step failed", extra={"step": step.__name__, "error": str(e)})
+
+
+async def run(cfg: RunConfig, stop: asyncio.Event | None = None) -> None:
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    ensure_private_dir(cfg.data_dir)
+    admin_token = ensure_token(cfg.data_dir / "admin-token")
+    join_token = ensure_token(cfg.data_dir / "join-token")
+    store = open_store(cfg.store, cfg.data_dir)
+    async with store:
+        cp = ControlPlane(store, Config(trust_domain=cfg.trust_domain, vip_cidr=cfg.vip_cidr, overlay_cidr=cfg.overlay_cidr))
+        await cp.load()
+        tracker = HealthTracker(ttl_s=cfg.ttl_s, deregister_after_s=cfg.deregister_after_s, node_ttl_s=cfg.ttl_s)
+        authority, grpc_server = await _start_identity(cfg, cp, join_token)
+        ctx = ApiContext(cp=cp, health=tracker, ca=authority, bookmark_s=cfg.bookmark_s)
+        runner = web.AppRunner(make_app(ctx, admin_token=admin_token), access_log=None, shutdown_timeout=2.0)
+        await runner.setup()
+        site = web.TCPSite(runner, cfg.api[0], cfg.api[1], reuse_address=True)
+        await site.start()
+        api_port = runner.addresses[0][1]
+        _write_addresses(cfg, api_port, grpc_server.port if grpc_server else None)
+        log.info("control plane serving", extra={"api": format_hostport(cfg.api[0], api_port),
+                                                 "revision": cp.revision, "data_dir": str(cfg.data_dir)})
+
+        async def check_health() -> None:
+            for command in tracker.due(cp.state, time.monotonic()):
+                with contextlib.suppress(NotFoundError):  # raced with a deregistration
+                    await cp.execute(command)
+
+        async def check_ca() -> None:
+            if authority is not None and authority.poll():
+                log.info("CA directory changed: signing with the current issuer, pushing the bundle")
+                if grpc_server is not None:
+                    grpc_server.bundle_changed()
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(every(1.0, stop, check_health))
+                tg.create_task(every(cfg.ca_poll_s, stop, check_ca))
+                await stop.wait()
+        finally:
+            log.info("control plane stopping")
+            if grpc_server is not None:
+                await grpc_server.stop(grace=1.0)
+            await runner.cleanup()
+            with contextlib.suppress(FileNotFoundError):
+                (cfg.data_dir / "control-plane.json").unlink()
+
+
+async def _start_identity(cfg: RunConfig, cp: ControlPlane, join_token: str):  # type: ignore[no-untyped-def]
+    """The CA and the gRPC server (discovery + signing)."""
+    from control_plane.ca import Authority
+    from control_plane.discovery import GrpcServer
+
+    authority = Authority.open(cfg.data_dir, trust_domain=cfg.trust_domain, join_token=join_token)
+    server = GrpcServer(cp, authority, bookmark_s=cfg.bookmark_s)
+    await server.start(format_hostport(*cfg.grpc))
+    return authority, server
+
+
+def _write_addresses(cfg: RunConfig, api_port: int, grpc_port: int | None) -> None:
+    info = {
+        "pid": os.getpid(),
+        "api": format_hostport(cfg.api[0], api_port),
+        "grpc": format_hostport(cfg.grpc[0], grpc_port) if grpc_port else None,
+        "trust_domain": cfg.trust_domain,
+    }
+    write_files(cfg.data_dir, {"control-plane.json": (json.dumps(info).encode(), PUBLIC)})
