@@ -38,8 +38,15 @@ NEXT_ROOT_CERT = "next-root-cert.pem"
 NEXT_ROOT_KEY = "next-root-key.pem"
 PREVIOUS_ROOT_CERT = "previous-root-cert.pem"
 ALL_FILES = (
-    ROOT_CERT, ROOT_KEY, CA_CERT, CA_KEY, CHAIN, BUNDLE,
-    NEXT_ROOT_CERT, NEXT_ROOT_KEY, PREVIOUS_ROOT_CERT,
+    ROOT_CERT,
+    ROOT_KEY,
+    CA_CERT,
+    CA_KEY,
+    CHAIN,
+    BUNDLE,
+    NEXT_ROOT_CERT,
+    NEXT_ROOT_KEY,
+    PREVIOUS_ROOT_CERT,
 )
 
 
@@ -176,24 +183,34 @@ def plan_root_step(
     old = state.previous_root
     remaining = tuple(c for c in state.bundle if c != old)
     for name, chain in still_in_use:
-        refusal = _only_old_root(chain, old, remaining)
+        refusal = retire_blocker(chain, old, remaining, state.issuer)
         if refusal:
-            raise ConflictError(
-                f"refusing to retire the old root: {name} {refusal}; re-issue it "
-                "(`meshlet certs renew`) and run retire again"
-            )
+            raise ConflictError(f"refusing to retire the old root: {name} {refusal}")
     return Change({BUNDLE: _cert_file(remaining)}, remove=(PREVIOUS_ROOT_CERT,))
 
 
-def _only_old_root(
+def retire_blocker(
     chain: Sequence[x509.Certificate],
     old: x509.Certificate,
     remaining: Sequence[x509.Certificate],
+    issuer: x509.Certificate,
 ) -> str | None:
-    """Why ``chain`` would break without ``old``, or None when it would not."""
-    if pki.anchor_of(chain, remaining) is None and pki.anchor_of(chain, [old]) is not None:
-        return "chains only to the old root"
-    return None
+    """Why ``chain`` (leaf first) may break without ``old``, or None when it cannot.
+
+    A file with the leaf alone is tried with the current ``issuer`` too; when it still
+    leads to no root, nobody can tell whether it needs the old one, and that blocks too.
+    """
+    candidates = [list(chain), [*chain, issuer]]
+    if any(pki.anchor_of(c, remaining) for c in candidates):
+        return None
+    if any(pki.anchor_of(c, [old]) for c in candidates):
+        return (
+            "chains only to the old root; re-issue it (`meshlet certs renew`) and run retire again"
+        )
+    return (
+        "leads to no root in the bundle, so it cannot be told whether it needs the old root: "
+        "pass the file with its chain (leaf + issuer), or leave it out if it is not in use"
+    )
 
 
 # ---- the shell: loading and writing ------------------------------------------------------
@@ -227,13 +244,17 @@ def load(path: Path) -> CaState:
             )
     root = _load_one_cert(path / ROOT_CERT, "root certificate")
     issuer = _load_one_cert(path / CA_CERT, "issuer certificate")
-    issuer_key = pki.load_key(read_file(path / CA_KEY, what="issuer key"), source=str(path / CA_KEY))
+    issuer_key = pki.load_key(
+        read_file(path / CA_KEY, what="issuer key"), source=str(path / CA_KEY)
+    )
     if not pki.key_matches(issuer, issuer_key):
         raise CertificateError(f"{path / CA_KEY} does not belong to {path / CA_CERT}")
     root_key = _load_optional_key(path / ROOT_KEY, "root key")
     if root_key is not None and not pki.key_matches(root, root_key):
         raise CertificateError(f"{path / ROOT_KEY} does not belong to {path / ROOT_CERT}")
-    bundle = tuple(pki.load_certs(read_file(path / BUNDLE, what="trust bundle"), source=str(path / BUNDLE)))
+    bundle = tuple(
+        pki.load_certs(read_file(path / BUNDLE, what="trust bundle"), source=str(path / BUNDLE))
+    )
     next_root = None
     if (path / NEXT_ROOT_CERT).exists():
         next_root = _load_one_cert(path / NEXT_ROOT_CERT, "next root certificate")
@@ -247,7 +268,9 @@ def load(path: Path) -> CaState:
     if (path / PREVIOUS_ROOT_CERT).exists():
         previous_root = _load_one_cert(path / PREVIOUS_ROOT_CERT, "previous root certificate")
     if root not in bundle:
-        raise CertificateError(f"{path / BUNDLE} does not contain the active root {path / ROOT_CERT}")
+        raise CertificateError(
+            f"{path / BUNDLE} does not contain the active root {path / ROOT_CERT}"
+        )
     return CaState(
         path=path,
         trust_domain=pki.trust_domain_of(issuer),
@@ -296,7 +319,11 @@ def issue(
     """A leaf for ``spiffe_id``: (leaf + issuer chain, key, whether the lifetime was capped)."""
     key = key or pki.new_key()
     leaf = pki.build_leaf(
-        key.public_key(), spiffe_id=spiffe_id, issuer=state.issuer,
-        issuer_key=state.issuer_key, now=now, ttl=ttl,
+        key.public_key(),
+        spiffe_id=spiffe_id,
+        issuer=state.issuer,
+        issuer_key=state.issuer_key,
+        now=now,
+        ttl=ttl,
     )
     return [leaf.cert, state.issuer], key, leaf.capped

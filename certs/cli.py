@@ -38,11 +38,17 @@ def _now() -> dt.datetime:
 
 def _ttl(text: str, flag: str) -> dt.timedelta:
     ttl_seconds = parse_duration(text, what=flag)
+    if ttl_seconds < 1:
+        raise InputError(
+            f"{flag} {text!r} is shorter than a second: certificates count whole seconds"
+        )
     try:
         ttl = dt.timedelta(seconds=ttl_seconds)
         _now() + ttl  # certificate times end in the year 9999
     except OverflowError:
-        raise InputError(f"{flag} {text!r} is too long: certificates cannot outlive the year 9999") from None
+        raise InputError(
+            f"{flag} {text!r} is too long: certificates cannot outlive the year 9999"
+        ) from None
     return ttl
 
 
@@ -71,13 +77,23 @@ def certs() -> None:
 def init(directory: Path, trust_domain: str, root_ttl: str, issuer_ttl: str, force: bool) -> None:
     """Create a root, an issuer under it, and the trust bundle in --dir."""
     state = cadir.init(
-        directory, trust_domain, _now(), force=force,
-        root_ttl=_ttl(root_ttl, "--root-ttl"), issuer_ttl=_ttl(issuer_ttl, "--issuer-ttl"),
+        directory,
+        trust_domain,
+        _now(),
+        force=force,
+        root_ttl=_ttl(root_ttl, "--root-ttl"),
+        issuer_ttl=_ttl(issuer_ttl, "--issuer-ttl"),
     )
     click.echo(f"created CA for trust domain {state.trust_domain} in {directory}")
-    click.echo(f"  root    {pki.fingerprint(state.root)[:16]}  valid until {_ts(state.root.not_valid_after_utc)}")
-    click.echo(f"  issuer  {pki.fingerprint(state.issuer)[:16]}  valid until {_ts(state.issuer.not_valid_after_utc)}")
-    click.echo(f"  files   {', '.join(sorted(n for n in cadir.ALL_FILES if (directory / n).exists()))}")
+    click.echo(
+        f"  root    {pki.fingerprint(state.root)[:16]}  valid until {_ts(state.root.not_valid_after_utc)}"
+    )
+    click.echo(
+        f"  issuer  {pki.fingerprint(state.issuer)[:16]}  valid until {_ts(state.issuer.not_valid_after_utc)}"
+    )
+    click.echo(
+        f"  files   {', '.join(sorted(n for n in cadir.ALL_FILES if (directory / n).exists()))}"
+    )
 
 
 def _write_leaf(
@@ -120,13 +136,17 @@ def issue(directory: Path, spiffe_id: str, out: Path, ttl: str) -> None:
     ensure_private_dir(out)
     _write_leaf(out, chain, key, state.bundle)
     _warn_capped(capped, state)
-    click.echo(f"issued {sid} valid until {_ts(chain[0].not_valid_after_utc)}: {out / 'cert.pem'}, {out / 'key.pem'}")
+    click.echo(
+        f"issued {sid} valid until {_ts(chain[0].not_valid_after_utc)}: {out / 'cert.pem'}, {out / 'key.pem'}"
+    )
 
 
 # ---- inspect / needs-renewal ---------------------------------------------------------------
 
 
-def _chain_status(chain: Sequence[x509.Certificate], bundle: Path | None, now: dt.datetime) -> tuple[bool | None, str]:
+def _chain_status(
+    chain: Sequence[x509.Certificate], bundle: Path | None, now: dt.datetime
+) -> tuple[bool | None, str]:
     if bundle is None:
         return None, "not checked (pass --bundle)"
     roots = _load_chain(bundle, "trust bundle")
@@ -180,8 +200,11 @@ def inspect(file: Path, bundle: Path | None, output: str) -> None:
     if output == "json":
         click.echo(json.dumps(info, indent=2))
         return
-    rows = [(k.replace("_", " "), "" if v is None else str(v)) for k, v in info.items()
-            if k not in ("time_left_seconds", "chain_verified")]
+    rows = [
+        (k.replace("_", " "), "" if v is None else str(v))
+        for k, v in info.items()
+        if k not in ("time_left_seconds", "chain_verified")
+    ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{width}}  {v}")
@@ -191,7 +214,9 @@ def inspect(file: Path, bundle: Path | None, output: str) -> None:
 
 @certs.command("needs-renewal")
 @click.argument("file", type=FilePath)
-@click.option("--expires-in", default=None, help="Renew when this much is left: 33% of the lifetime, or 1h.")
+@click.option(
+    "--expires-in", default=None, help="Renew when this much is left: 33% of the lifetime, or 1h."
+)
 def needs_renewal(file: Path, expires_in: str | None) -> None:
     """Exit 0 when FILE needs renewal, 1 when it does not (default: past 2/3 of its lifetime)."""
     threshold = schedule.Threshold.parse(expires_in) if expires_in else schedule.DEFAULT_THRESHOLD
@@ -208,7 +233,9 @@ def needs_renewal(file: Path, expires_in: str | None) -> None:
 # ---- renew ------------------------------------------------------------------------------------
 
 
-def renew_once(directory: Path, cert: Path, key_path: Path, ttl: dt.timedelta | None, rekey: bool) -> x509.Certificate:
+def renew_once(
+    directory: Path, cert: Path, key_path: Path, ttl: dt.timedelta | None, rekey: bool
+) -> x509.Certificate:
     """Re-issue the identity in ``cert``; return the new leaf."""
     state = cadir.load(directory)
     old = _load_chain(cert)[0]
@@ -217,7 +244,9 @@ def renew_once(directory: Path, cert: Path, key_path: Path, ttl: dt.timedelta | 
         raise CertificateError(f"{key_path} is not the key of {cert}: pass the matching --key")
     sid = pki.spiffe_id_of(old)
     if sid is None:
-        raise CertificateError(f"{cert} has no single SPIFFE ID URI SAN: it is not an SVID meshlet can renew")
+        raise CertificateError(
+            f"{cert} has no single SPIFFE ID URI SAN: it is not an SVID meshlet can renew"
+        )
     new_key = pki.new_key() if rekey else key
     chain, _, capped = cadir.issue(state, sid, _now(), ttl=ttl or pki.ttl_of(old), key=new_key)
     writes: dict[Path, dict[str, tuple[bytes, int]]] = defaultdict(dict)
@@ -233,12 +262,21 @@ def renew_once(directory: Path, cert: Path, key_path: Path, ttl: dt.timedelta | 
 
 
 def _run_exec(command: str) -> None:
-    result = subprocess.run(command, shell=True, check=False)  # the user's own command, as step --exec
+    result = subprocess.run(
+        command, shell=True, check=False
+    )  # the user's own command, as step --exec
     if result.returncode != 0:
         click.echo(f"warning: --exec {command!r} exited {result.returncode}", err=True)
 
 
-def _daemon(directory: Path, cert: Path, key: Path, ttl: dt.timedelta | None, rekey: bool, command: str | None) -> None:
+def _daemon(
+    directory: Path,
+    cert: Path,
+    key: Path,
+    ttl: dt.timedelta | None,
+    rekey: bool,
+    command: str | None,
+) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -248,7 +286,10 @@ def _daemon(directory: Path, cert: Path, key: Path, ttl: dt.timedelta | None, re
     while not stop.is_set():
         leaf = _load_chain(cert)[0]
         if due is None or due[0] != leaf.serial_number:
-            due = (leaf.serial_number, schedule.renewal_time(leaf.not_valid_before_utc, leaf.not_valid_after_utc, rng))
+            due = (
+                leaf.serial_number,
+                schedule.renewal_time(leaf.not_valid_before_utc, leaf.not_valid_after_utc, rng),
+            )
         wait = (due[1] - _now()).total_seconds()
         if wait > 0:
             stop.wait(min(wait, 3600))
@@ -273,16 +314,28 @@ def _daemon(directory: Path, cert: Path, key: Path, ttl: dt.timedelta | None, re
 @click.option("--key", type=FilePath, required=True, help="Its key (key.pem).")
 @click.option("--ttl", default=None, help="New lifetime (default: the same as the old one).")
 @click.option("--rekey", is_flag=True, help="Make a new key instead of keeping the old one.")
-@click.option("--daemon", is_flag=True, help="Keep running; renew at 2/3 of each lifetime, with jitter.")
+@click.option(
+    "--daemon", is_flag=True, help="Keep running; renew at 2/3 of each lifetime, with jitter."
+)
 @click.option("--exec", "command", default=None, help="Shell command to run after each renewal.")
-def renew(directory: Path, cert: Path, key: Path, ttl: str | None, rekey: bool, daemon: bool, command: str | None) -> None:
+def renew(
+    directory: Path,
+    cert: Path,
+    key: Path,
+    ttl: str | None,
+    rekey: bool,
+    daemon: bool,
+    command: str | None,
+) -> None:
     """Re-issue the same identity; with --daemon, keep doing it before each expiry."""
     lifetime = _ttl(ttl, "--ttl") if ttl else None
     if daemon:
         # Check everything once up front so bad flags fail now, not at the first renewal.
         cadir.load(directory)
         leaf = _load_chain(cert)[0]
-        if not pki.key_matches(leaf, pki.load_key(read_file(key, what="key file"), source=str(key))):
+        if not pki.key_matches(
+            leaf, pki.load_key(read_file(key, what="key file"), source=str(key))
+        ):
             raise CertificateError(f"{key} is not the key of {cert}: pass the matching --key")
         _daemon(directory, cert, key, lifetime, rekey, command)
         return
@@ -309,7 +362,9 @@ def rotate_issuer(directory: Path, ttl: str) -> None:
     state = cadir.load(directory)
     cadir.apply(directory, cadir.plan_rotate_issuer(state, _now(), lifetime))
     new = cadir.load(directory)
-    click.echo(f"new issuer {pki.fingerprint(new.issuer)[:16]} valid until {_ts(new.issuer.not_valid_after_utc)}")
+    click.echo(
+        f"new issuer {pki.fingerprint(new.issuer)[:16]} valid until {_ts(new.issuer.not_valid_after_utc)}"
+    )
 
 
 _STEP_HELP = {
@@ -329,7 +384,9 @@ def _split_files(values: Sequence[str]) -> list[Path]:
     return [Path(p) for v in values for p in v.split(",") if p]
 
 
-def _status(state: cadir.CaState, in_use: list[tuple[str, list[x509.Certificate]]]) -> dict[str, Any]:
+def _status(
+    state: cadir.CaState, in_use: list[tuple[str, list[x509.Certificate]]]
+) -> dict[str, Any]:
     def role(c: x509.Certificate) -> str:
         if c == state.root:
             return "active"
@@ -343,30 +400,58 @@ def _status(state: cadir.CaState, in_use: list[tuple[str, list[x509.Certificate]
     blocking = []
     if old is not None:
         others = [c for c in state.bundle if c != old]
-        blocking = [n for n, ch in in_use if pki.anchor_of(ch, others) is None and pki.anchor_of(ch, [old])]
+        blocking = [
+            (n, why)
+            for n, ch in in_use
+            if (why := cadir.retire_blocker(ch, old, others, state.issuer))
+        ]
     return {
         "trust_domain": state.trust_domain,
         "roots": [
-            {"fingerprint": pki.fingerprint(c)[:16], "role": role(c), "not_after": _ts(c.not_valid_after_utc)}
+            {
+                "fingerprint": pki.fingerprint(c)[:16],
+                "role": role(c),
+                "not_after": _ts(c.not_valid_after_utc),
+            }
             for c in state.bundle
         ],
-        "issuer_root": pki.fingerprint(pki.anchor_of(list(state.chain), state.bundle) or state.root)[:16],
+        "issuer_root": pki.fingerprint(
+            pki.anchor_of(list(state.chain), state.bundle) or state.root
+        )[:16],
         "next_step": state.next_step.value,
         "next_step_help": _STEP_HELP[state.next_step],
-        "still_on_old_root": blocking,
+        "still_on_old_root": [name for name, _ in blocking],
+        "blocking": [{"file": name, "reason": why} for name, why in blocking],
     }
 
 
 @rotate.command("root")
 @click.option("--dir", "directory", type=DirPath, required=True, help="CA directory.")
 @click.option("--step", type=click.Choice([s.value for s in cadir.Step]), default=None)
-@click.option("--status", is_flag=True, help="Say which step is next and what still depends on the old root.")
-@click.option("--still-in-use", multiple=True, help="Certificate files still in use (repeat or comma-separate).")
-@click.option("--root-ttl", default="10y", show_default=True, help="Lifetime of the new root (add).")
-@click.option("--issuer-ttl", default="1y", show_default=True, help="Lifetime of the new issuer (promote).")
+@click.option(
+    "--status", is_flag=True, help="Say which step is next and what still depends on the old root."
+)
+@click.option(
+    "--still-in-use",
+    multiple=True,
+    help="Certificate files still in use (repeat or comma-separate).",
+)
+@click.option(
+    "--root-ttl", default="10y", show_default=True, help="Lifetime of the new root (add)."
+)
+@click.option(
+    "--issuer-ttl", default="1y", show_default=True, help="Lifetime of the new issuer (promote)."
+)
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
-def rotate_root(directory: Path, step: str | None, status: bool, still_in_use: Sequence[str],
-                root_ttl: str, issuer_ttl: str, output: str) -> None:
+def rotate_root(
+    directory: Path,
+    step: str | None,
+    status: bool,
+    still_in_use: Sequence[str],
+    root_ttl: str,
+    issuer_ttl: str,
+    output: str,
+) -> None:
     """Rotate the root with overlap: --step add, then promote, then retire."""
     if (step is None) == (not status):
         raise InputError("give exactly one of --step add|promote|retire and --status")
@@ -379,15 +464,21 @@ def rotate_root(directory: Path, step: str | None, status: bool, still_in_use: S
             return
         click.echo(f"trust domain  {info['trust_domain']}")
         for r in info["roots"]:
-            click.echo(f"root          {r['fingerprint']}  {r['role']:<8}  valid until {r['not_after']}")
+            click.echo(
+                f"root          {r['fingerprint']}  {r['role']:<8}  valid until {r['not_after']}"
+            )
         click.echo(f"next step     {info['next_step_help']}")
-        for name in info["still_on_old_root"]:
-            click.echo(f"blocking      {name} chains only to the old root")
+        for entry in info["blocking"]:
+            click.echo(f"blocking      {entry['file']} {entry['reason']}")
         return
     chosen = cadir.Step(step)
     change = cadir.plan_root_step(
-        state, chosen, _now(), root_ttl=_ttl(root_ttl, "--root-ttl"),
-        issuer_ttl=_ttl(issuer_ttl, "--issuer-ttl"), still_in_use=in_use,
+        state,
+        chosen,
+        _now(),
+        root_ttl=_ttl(root_ttl, "--root-ttl"),
+        issuer_ttl=_ttl(issuer_ttl, "--issuer-ttl"),
+        still_in_use=in_use,
     )
     cadir.apply(directory, change)
     after = cadir.load(directory)

@@ -86,7 +86,9 @@ def _signing_cert(
         .add_extension(_key_usage(ca=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]),
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]
+            ),
             critical=False,
         )
     )
@@ -103,8 +105,14 @@ def build_root(
 ) -> x509.Certificate:
     """A self-signed trust anchor for ``trust_domain``."""
     return _signing_cert(
-        kind="root", key=key, trust_domain=trust_domain, signer=None, signer_key=key,
-        now=now, ttl=ttl, path_length=1,
+        kind="root",
+        key=key,
+        trust_domain=trust_domain,
+        signer=None,
+        signer_key=key,
+        now=now,
+        ttl=ttl,
+        path_length=1,
     )
 
 
@@ -122,8 +130,14 @@ def build_issuer(
     if ttl <= dt.timedelta(0):
         raise CertificateError("the root certificate has expired: rotate the root first")
     return _signing_cert(
-        kind="issuer", key=key, trust_domain=td, signer=root, signer_key=root_key,
-        now=now, ttl=ttl, path_length=0,
+        kind="issuer",
+        key=key,
+        trust_domain=td,
+        signer=root,
+        signer_key=root_key,
+        now=now,
+        ttl=ttl,
+        path_length=0,
     )
 
 
@@ -151,19 +165,23 @@ def build_leaf(
     td = trust_domain_of(issuer)
     if spiffe_id.trust_domain != td:
         raise InputError(
-            f"SPIFFE ID {spiffe_id} is outside this CA's trust domain {td!r}: "
-            f"use spiffe://{td}/..."
+            f"SPIFFE ID {spiffe_id} is outside this CA's trust domain {td!r}: use spiffe://{td}/..."
         )
     if not spiffe_id.path:
         raise InputError(f"SPIFFE ID {spiffe_id} has no path: a workload ID needs one")
-    if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != "secp256r1":
+    if (
+        not isinstance(public_key, ec.EllipticCurvePublicKey)
+        or public_key.curve.name != "secp256r1"
+    ):
         raise CertificateError("workload keys must be ECDSA P-256")
     not_after = now + ttl
     capped = not_after > issuer.not_valid_after_utc
     if capped:
         not_after = issuer.not_valid_after_utc
     if not_after <= now:
-        raise CertificateError("the issuer certificate has expired: run `meshlet certs rotate issuer`")
+        raise CertificateError(
+            "the issuer certificate has expired: run `meshlet certs rotate issuer`"
+        )
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([]))
@@ -175,7 +193,9 @@ def build_leaf(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(ca=False), critical=True)
         .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
             critical=False,
         )
         # The subject is empty, so RFC 5280 wants the SAN critical.
@@ -232,7 +252,9 @@ def load_certs(data: bytes, *, source: str) -> list[x509.Certificate]:
             certs = x509.load_pem_x509_certificates(data)
         except ValueError as e:
             if b"CERTIFICATE REQUEST-----" in data:
-                raise CertificateError(f"{source} is a certificate request, not a certificate") from e
+                raise CertificateError(
+                    f"{source} is a certificate request, not a certificate"
+                ) from e
             raise CertificateError(f"{source} has no readable PEM certificate: {e}") from e
         return certs
     try:

@@ -67,7 +67,9 @@ def _check_time(chain: Sequence[x509.Certificate], now: dt.datetime) -> Verdict 
     for position, cert in enumerate(chain):
         what = "leaf" if position == 0 else f"chain certificate {position}"
         if now > cert.not_valid_after_utc:
-            return Verdict(Reason.EXPIRED, f"{what} expired at {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}")
+            return Verdict(
+                Reason.EXPIRED, f"{what} expired at {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
+            )
         if now < cert.not_valid_before_utc:
             return Verdict(
                 Reason.NOT_YET_VALID,
@@ -82,7 +84,9 @@ def check_identity(leaf: x509.Certificate, expect: Expectation) -> Verdict:
         return Verdict(Reason.LEAF_IS_CA, "the peer's leaf certificate is a CA certificate")
     uris = uri_sans(leaf)
     if len(uris) != 1:
-        return Verdict(Reason.URI_SAN_COUNT, f"an SVID has exactly one URI SAN, this one has {len(uris)}")
+        return Verdict(
+            Reason.URI_SAN_COUNT, f"an SVID has exactly one URI SAN, this one has {len(uris)}"
+        )
     try:
         sid = parse(uris[0], require_path=True)
     except SpiffeIdError as e:
@@ -114,7 +118,9 @@ def verify_svid(
         return Verdict(Reason.LEAF_IS_CA, "the peer's leaf certificate is a CA certificate")
     uris = uri_sans(leaf)
     if len(uris) != 1:
-        return Verdict(Reason.URI_SAN_COUNT, f"an SVID has exactly one URI SAN, this one has {len(uris)}")
+        return Verdict(
+            Reason.URI_SAN_COUNT, f"an SVID has exactly one URI SAN, this one has {len(uris)}"
+        )
     if (bad_time := _check_time(chain, now)) is not None:
         return bad_time
     if not roots:
