@@ -23,7 +23,9 @@ from aiohttp import web
 
 from certs.files import PUBLIC, SECRET, ensure_private_dir, write_files
 from control_plane.api import ApiContext, make_app
+from control_plane.ca import Authority
 from control_plane.core import ControlPlane
+from control_plane.discovery import GrpcServer
 from control_plane.health import HealthTracker
 from control_plane.registry import Config
 from control_plane.store import open_store
@@ -38,6 +40,7 @@ class RunConfig:
     data_dir: Path
     api: tuple[str, int] = ("127.0.0.1", 15080)
     grpc: tuple[str, int] = ("127.0.0.1", 15010)
+    grpc_mtls: tuple[str, int] = ("127.0.0.1", 15012)  # same services; clients present their SVID
     trust_domain: str = "mesh.local"
     store: str = "sqlite"
     vip_cidr: str = "198.19.128.0/17"
@@ -81,19 +84,34 @@ async def run(cfg: RunConfig, stop: asyncio.Event | None = None) -> None:
     join_token = ensure_token(cfg.data_dir / "join-token")
     store = open_store(cfg.store, cfg.data_dir)
     async with store:
-        cp = ControlPlane(store, Config(trust_domain=cfg.trust_domain, vip_cidr=cfg.vip_cidr, overlay_cidr=cfg.overlay_cidr))
+        cp = ControlPlane(
+            store,
+            Config(
+                trust_domain=cfg.trust_domain, vip_cidr=cfg.vip_cidr, overlay_cidr=cfg.overlay_cidr
+            ),
+        )
         await cp.load()
-        tracker = HealthTracker(ttl_s=cfg.ttl_s, deregister_after_s=cfg.deregister_after_s, node_ttl_s=cfg.ttl_s)
+        tracker = HealthTracker(
+            ttl_s=cfg.ttl_s, deregister_after_s=cfg.deregister_after_s, node_ttl_s=cfg.ttl_s
+        )
         authority, grpc_server = await _start_identity(cfg, cp, join_token)
         ctx = ApiContext(cp=cp, health=tracker, ca=authority, bookmark_s=cfg.bookmark_s)
-        runner = web.AppRunner(make_app(ctx, admin_token=admin_token), access_log=None, shutdown_timeout=2.0)
+        runner = web.AppRunner(
+            make_app(ctx, admin_token=admin_token), access_log=None, shutdown_timeout=2.0
+        )
         await runner.setup()
         site = web.TCPSite(runner, cfg.api[0], cfg.api[1], reuse_address=True)
         await site.start()
         api_port = runner.addresses[0][1]
-        _write_addresses(cfg, api_port, grpc_server.port if grpc_server else None)
-        log.info("control plane serving", extra={"api": format_hostport(cfg.api[0], api_port),
-                                                 "revision": cp.revision, "data_dir": str(cfg.data_dir)})
+        _write_addresses(cfg, api_port, grpc_server)
+        log.info(
+            "control plane serving",
+            extra={
+                "api": format_hostport(cfg.api[0], api_port),
+                "revision": cp.revision,
+                "data_dir": str(cfg.data_dir),
+            },
+        )
 
         async def check_health() -> None:
             for command in tracker.due(cp.state, time.monotonic()):
@@ -101,10 +119,11 @@ async def run(cfg: RunConfig, stop: asyncio.Event | None = None) -> None:
                     await cp.execute(command)
 
         async def check_ca() -> None:
-            if authority is not None and authority.poll():
-                log.info("CA directory changed: signing with the current issuer, pushing the bundle")
-                if grpc_server is not None:
-                    grpc_server.bundle_changed()
+            if authority.poll():
+                log.info(
+                    "CA directory changed: signing with the current issuer, pushing the bundle"
+                )
+                grpc_server.bundle_changed()
 
         try:
             async with asyncio.TaskGroup() as tg:
@@ -113,29 +132,28 @@ async def run(cfg: RunConfig, stop: asyncio.Event | None = None) -> None:
                 await stop.wait()
         finally:
             log.info("control plane stopping")
-            if grpc_server is not None:
-                await grpc_server.stop(grace=1.0)
+            await grpc_server.stop(grace=1.0)
             await runner.cleanup()
             with contextlib.suppress(FileNotFoundError):
                 (cfg.data_dir / "control-plane.json").unlink()
 
 
-async def _start_identity(cfg: RunConfig, cp: ControlPlane, join_token: str):  # type: ignore[no-untyped-def]
+async def _start_identity(
+    cfg: RunConfig, cp: ControlPlane, join_token: str
+) -> tuple[Authority, GrpcServer]:
     """The CA and the gRPC server (discovery + signing)."""
-    from control_plane.ca import Authority
-    from control_plane.discovery import GrpcServer
-
     authority = Authority.open(cfg.data_dir, trust_domain=cfg.trust_domain, join_token=join_token)
     server = GrpcServer(cp, authority, bookmark_s=cfg.bookmark_s)
-    await server.start(format_hostport(*cfg.grpc))
+    await server.start(format_hostport(*cfg.grpc), mtls_address=format_hostport(*cfg.grpc_mtls))
     return authority, server
 
 
-def _write_addresses(cfg: RunConfig, api_port: int, grpc_port: int | None) -> None:
+def _write_addresses(cfg: RunConfig, api_port: int, grpc: GrpcServer) -> None:
     info = {
         "pid": os.getpid(),
         "api": format_hostport(cfg.api[0], api_port),
-        "grpc": format_hostport(cfg.grpc[0], grpc_port) if grpc_port else None,
+        "grpc": format_hostport(cfg.grpc[0], grpc.port),
+        "grpc_mtls": format_hostport(cfg.grpc_mtls[0], grpc.mtls_port),
         "trust_domain": cfg.trust_domain,
     }
     write_files(cfg.data_dir, {"control-plane.json": (json.dumps(info).encode(), PUBLIC)})

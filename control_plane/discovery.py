@@ -1,0 +1,360 @@
+"""The control plane's gRPC side: Discovery (the mesh map, pushed) and CertificateAuthority.
+
+``GrpcServer`` serves both, plus grpc.health.v1, over TLS with the control plane's own
+SVID (re-read on every new connection, so a rotation needs no restart). It listens on
+up to two ports:
+
+- the TLS port: clients verify the control plane; they need no certificate. Watch,
+  Report, health, and Sign with the join token (a workload's first certificate).
+- the mTLS port: the same services, but the client must present its SVID; Sign there
+  renews the presented identity. (gRPC Python cannot ask for an optional client
+  certificate, so one port cannot serve both kinds of client.)
+
+A Watch stream sends a full Snapshot first (or, when resuming from a revision still in
+history, a Delta of what was missed), then one Delta per revision, and a Bookmark when
+the stream has been idle for ``bookmark_s``. The trust bundle rides on the first
+response and, after a rotation, on a Bookmark sent at once.
+
+This module never decides who may get a certificate (``ca_rules`` does) and never
+builds messages itself (``discovery_wire`` does; ``meshlet.discovery_client`` decodes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any, NoReturn
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from control_plane import ca_rules
+from control_plane.ca import Authority, CaChange
+from control_plane.ca_identity import TlsMaterial
+from control_plane.core import ControlPlane
+from control_plane.discovery_wire import (
+    bookmark_response,
+    client_status,
+    delta_responses,
+    peer_chain,
+    snapshot_response,
+)
+from control_plane.store.base import CompactedError
+from meshlet.errors import ConflictError, InputError, MeshError
+from meshlet.model import Event
+from meshlet.proto import mesh_pb2, mesh_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+BOOKMARK_INTERVAL_S = 15.0
+SERVICE_NAMES = ("meshlet.v1.Discovery", "meshlet.v1.CertificateAuthority")
+_SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),  # a second control plane on the same port must fail, not share
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+]
+
+
+# ---- servicers ------------------------------------------------------------------------------
+
+
+class DiscoveryServicer(mesh_pb2_grpc.DiscoveryServicer):
+    def __init__(
+        self, control_plane: ControlPlane, authority: Authority, *, bookmark_s: float
+    ) -> None:
+        self._cp = control_plane
+        self._authority = authority
+        self._interval = bookmark_s
+        self._wakers: set[asyncio.Event] = set()
+        self.closing = False
+
+    def wake_all(self, _change: CaChange | None = None) -> None:
+        """A new bundle (or shutdown): every stream looks up what to send."""
+        for wake in self._wakers:
+            wake.set()
+
+    async def Report(
+        self, request: mesh_pb2.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> mesh_pb2.ReportResponse:
+        try:
+            status = client_status(request)
+        except InputError as e:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        self._authority.record_client(status)
+        return mesh_pb2.ReportResponse()
+
+    async def Watch(
+        self, request: mesh_pb2.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[mesh_pb2.WatchResponse]:
+        try:
+            status = client_status(request)
+            if request.since_revision < 0:
+                raise InputError(f"since_revision {request.since_revision} must not be negative")
+        except InputError as e:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        self._authority.record_client(status, streams=1)
+        log.info("watch opened", extra={"client_id": status.client_id, "kind": status.kind})
+        wake = asyncio.Event()
+        self._wakers.add(wake)
+        try:
+            async with contextlib.aclosing(self._stream(request.since_revision, wake)) as stream:
+                async for response in stream:
+                    yield response
+                    self._authority.touch_client(status.client_id)
+        finally:
+            self._wakers.discard(wake)
+            self._authority.client_left(status.client_id)
+            log.info("watch closed", extra={"client_id": status.client_id})
+        await _abort(
+            context,
+            grpc.StatusCode.UNAVAILABLE,
+            "the control plane is shutting down: reconnect with your revision",
+        )
+
+    async def _stream(
+        self, since: int, wake: asyncio.Event
+    ) -> AsyncGenerator[mesh_pb2.WatchResponse]:
+        """Responses until shutdown; the bundle is attached whenever the client lacks it."""
+        loop = asyncio.get_running_loop()
+        sent_bundle = ""
+        last_sent = loop.time()
+
+        def stamp(response: mesh_pb2.WatchResponse) -> mesh_pb2.WatchResponse:
+            nonlocal sent_bundle, last_sent
+            if self._authority.bundle_fingerprint != sent_bundle:
+                response.trust_bundle_pem = self._authority.bundle_pem
+                sent_bundle = self._authority.bundle_fingerprint
+            last_sent = loop.time()
+            return response
+
+        resync = since <= 0 or since > self._cp.revision  # new, or from another history
+        if not resync and since == self._cp.revision:
+            yield stamp(bookmark_response(since))  # nothing missed: still send the bundle now
+        # The first response always carries the bundle; later ones only when it changed.
+        wake_task = asyncio.ensure_future(wake.wait())
+        try:
+            while not self.closing:
+                if resync:
+                    snapshot = self._cp.snapshot
+                    yield stamp(snapshot_response(snapshot))
+                    since, resync = snapshot.revision, False
+                batches = aiter(self._cp.watch(since))
+                next_batch = asyncio.ensure_future(_next(batches))
+                try:
+                    while not self.closing and not resync:
+                        if sent_bundle and sent_bundle != self._authority.bundle_fingerprint:
+                            yield stamp(bookmark_response(since))  # a new bundle, at once
+                        timeout = max(0.0, last_sent + self._interval - loop.time())
+                        done, _ = await asyncio.wait(
+                            {next_batch, wake_task},
+                            timeout=timeout,
+                            return_when=asyncio.FIRST_COMPLETED,
+                        )
+                        if wake_task in done:
+                            wake.clear()
+                            wake_task = asyncio.ensure_future(wake.wait())
+                        if next_batch in done:
+                            try:
+                                batch = next_batch.result()
+                            except CompactedError:
+                                resync = True  # fell behind the history: start over
+                                break
+                            if batch is None:
+                                return  # the store closed: the control plane is stopping
+                            for response in delta_responses(batch):
+                                yield stamp(response)
+                                since = response.revision
+                            next_batch = asyncio.ensure_future(_next(batches))
+                        elif not done:
+                            yield stamp(bookmark_response(since))
+                finally:
+                    await _cancel(next_batch)
+                    await batches.aclose()  # type: ignore[attr-defined]
+        finally:
+            await _cancel(wake_task)
+
+
+class CertificateAuthorityServicer(mesh_pb2_grpc.CertificateAuthorityServicer):
+    def __init__(self, authority: Authority) -> None:
+        self._authority = authority
+
+    async def Sign(
+        self, request: mesh_pb2.SignRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> mesh_pb2.SignResponse:
+        try:
+            issued = self._authority.sign(
+                csr_pem=request.csr_pem,
+                spiffe_id=request.spiffe_id,
+                join_token=request.join_token,
+                ttl_seconds=request.ttl_seconds,
+                peer_chain=peer_chain(context.auth_context()),
+            )
+        except MeshError as e:
+            code = _status_code(e)
+            log.info(
+                "sign refused",
+                extra={"spiffe_id": request.spiffe_id, "code": code.name, "reason": str(e)},
+            )
+            await _abort(context, code, str(e))
+        leaf = issued.chain[0]
+        log.info(
+            "signed",
+            extra={
+                "spiffe_id": request.spiffe_id,
+                "serial": format(leaf.serial_number, "x"),
+                "not_after": leaf.not_valid_after_utc.isoformat(),
+            },
+        )
+        return mesh_pb2.SignResponse(
+            cert_chain_pem=issued.chain_pem, trust_bundle_pem=issued.bundle_pem
+        )
+
+
+def _status_code(e: MeshError) -> grpc.StatusCode:
+    if isinstance(e, ca_rules.AuthenticationError):
+        return grpc.StatusCode.UNAUTHENTICATED
+    if isinstance(e, ca_rules.PermissionDeniedError):
+        return grpc.StatusCode.PERMISSION_DENIED
+    if isinstance(e, InputError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.FAILED_PRECONDITION  # e.g. the issuer expired: an operator's job
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, details: str
+) -> NoReturn:
+    await context.abort(code, details)
+    raise AssertionError("unreachable: abort raises")
+
+
+async def _next(batches: AsyncIterator[list[Event]]) -> list[Event] | None:
+    """The next batch, or None when the watch ended (a task cannot end in StopAsyncIteration)."""
+    try:
+        return await anext(batches)
+    except StopAsyncIteration:
+        return None
+
+
+async def _cancel(task: asyncio.Future[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+
+
+# ---- the server --------------------------------------------------------------------------------
+
+
+def _certificate_config(tls: TlsMaterial, *, client_auth: bool) -> Any:
+    return grpc.ssl_server_certificate_configuration(
+        [(tls.key_pem, tls.cert_chain_pem)],
+        root_certificates=tls.bundle_pem if client_auth else None,
+    )
+
+
+def server_credentials(
+    tls: Callable[[], TlsMaterial], *, client_auth: bool
+) -> grpc.ServerCredentials:
+    """TLS credentials that pick up a new certificate or bundle at the next connection.
+
+    gRPC calls the fetcher on its own thread before each handshake; it only compares a
+    generation number and builds a configuration when it changed.
+    """
+    first = tls()
+    served = first.generation
+
+    def fetch() -> Any:
+        nonlocal served
+        current = tls()
+        if current.generation == served:
+            return None
+        served = current.generation
+        return _certificate_config(current, client_auth=client_auth)
+
+    return grpc.dynamic_ssl_server_credentials(
+        _certificate_config(first, client_auth=client_auth),
+        fetch,
+        require_client_authentication=client_auth,
+    )
+
+
+class GrpcServer:
+    """Discovery + CertificateAuthority + health on a TLS port and, optionally, an mTLS port."""
+
+    def __init__(
+        self,
+        control_plane: ControlPlane,
+        authority: Authority,
+        *,
+        bookmark_s: float = BOOKMARK_INTERVAL_S,
+    ) -> None:
+        self._authority = authority
+        self._discovery = DiscoveryServicer(control_plane, authority, bookmark_s=bookmark_s)
+        self._ca = CertificateAuthorityServicer(authority)
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+        self.port: int | None = None
+        self.mtls_port: int | None = None
+
+    async def start(self, address: str, *, mtls_address: str | None = None) -> None:
+        """Listen on ``address`` (TLS) and ``mtls_address`` (mTLS); ports may be 0."""
+        if self._server is not None:
+            raise MeshError("the gRPC server is already started")
+        server = grpc.aio.server(options=_SERVER_OPTIONS)
+        mesh_pb2_grpc.add_DiscoveryServicer_to_server(self._discovery, server)  # type: ignore[no-untyped-call]
+        mesh_pb2_grpc.add_CertificateAuthorityServicer_to_server(self._ca, server)  # type: ignore[no-untyped-call]
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self.port = _bind(server, address, server_credentials(self._tls, client_auth=False))
+        if mtls_address is not None:
+            creds = server_credentials(self._tls, client_auth=True)
+            self.mtls_port = _bind(server, mtls_address, creds)
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._unsubscribe = self._authority.subscribe(self._discovery.wake_all)
+        self._discovery.closing = False
+        await server.start()
+        self._server = server
+        log.info("gRPC listening", extra={"port": self.port, "mtls_port": self.mtls_port})
+
+    def _tls(self) -> TlsMaterial:
+        return self._authority.tls
+
+    def bundle_changed(self) -> None:
+        """Push the current bundle to every stream now (reloads also do this by themselves)."""
+        self._discovery.wake_all()
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Report NOT_SERVING, end every Watch (clients reconnect elsewhere), then stop."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        await self._health.enter_graceful_shutdown()
+        self._discovery.closing = True
+        self._discovery.wake_all()
+        await server.stop(grace)
+
+    async def run(self, address: str, *, mtls_address: str | None = None) -> None:
+        """Serve until cancelled (for a TaskGroup); stops the server on the way out."""
+        await self.start(address, mtls_address=mtls_address)
+        assert self._server is not None
+        try:
+            await self._server.wait_for_termination()
+        finally:
+            await self.stop()
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials) -> int:
+    try:
+        port: int = server.add_secure_port(address, credentials)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise ConflictError(
+            f"cannot listen for gRPC on {address}: the port is in use (another control "
+            "plane?) or the address is not local; choose another address"
+        )
+    return port

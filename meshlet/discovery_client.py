@@ -1,0 +1,284 @@
+"""The client side of the control plane's gRPC API, shared by the sidecar, the node helper
+and the CLI: a verified TLS channel, the Watch stream decoded into model objects, Report,
+and Sign.
+
+Decoding a WatchResponse into model objects happens here and nowhere else. The channel
+always verifies the control plane against the mesh's trust bundle and its fixed name
+``control-plane.meshlet``. gRPC failures become ``ControlPlaneError`` (a MeshError) that
+names the status and the control plane's reason. This module never retries or
+reconnects on its own: the caller owns its loop (resume with the last revision).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from certs import pki
+from certs.bundle import bundle_fingerprint_pem
+from meshlet import wire
+from meshlet.errors import InputError, MeshError
+from meshlet.model import Event, EventType, Kind, Object, Snapshot, key_of, kind_of
+from meshlet.proto import mesh_pb2, mesh_pb2_grpc
+
+SERVER_NAME = "control-plane.meshlet"  # the DNS SAN of the control plane's certificate
+IDLE_TIMEOUT_S = 60.0  # the server sends a Bookmark every 15 s by default
+CALL_TIMEOUT_S = 10.0
+
+DiscoveryStub = mesh_pb2_grpc.DiscoveryStub
+CertificateAuthorityStub = mesh_pb2_grpc.CertificateAuthorityStub
+
+_EVENT_TYPES = {
+    mesh_pb2.Change.ADDED: EventType.ADDED,
+    mesh_pb2.Change.MODIFIED: EventType.MODIFIED,
+    mesh_pb2.Change.DELETED: EventType.DELETED,
+}
+
+
+class ControlPlaneError(MeshError):
+    """A call to the control plane failed; ``code`` is the gRPC status name."""
+
+    def __init__(self, code: str, details: str) -> None:
+        self.code = code
+        self.details = details
+        if code == "UNAVAILABLE":
+            text = f"cannot reach the control plane ({details})"
+        else:
+            text = f"the control plane refused the request ({code}): {details}"
+        super().__init__(text)
+        if code == "INVALID_ARGUMENT":
+            self.exit_code = 2
+
+
+def _translate(e: grpc.aio.AioRpcError) -> ControlPlaneError:
+    return ControlPlaneError(e.code().name, e.details() or "no details")
+
+
+# ---- updates: what a Watch yields ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reset:
+    """Everything, at ``revision``: replace what you have."""
+
+    revision: int
+    snapshot: Snapshot
+    trust_bundle_pem: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Delta:
+    """The changes of one revision, in order."""
+
+    revision: int
+    events: tuple[Event, ...]
+    trust_bundle_pem: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Bookmark:
+    """Nothing changed up to ``revision`` (or only the bundle did)."""
+
+    revision: int
+    trust_bundle_pem: bytes | None = None
+
+
+Update = Reset | Delta | Bookmark
+
+
+def decode_object(obj: mesh_pb2.Object) -> Object:
+    try:
+        kind = Kind(obj.kind)
+    except ValueError:
+        raise InputError(f"control plane sent an object of unknown kind {obj.kind!r}") from None
+    decoded = wire.decode(wire.KIND_TYPES[kind], obj.json, what=f"{kind.value} {obj.key}")
+    if key_of(decoded) != obj.key:
+        raise InputError(
+            f"control plane sent {kind.value} {key_of(decoded)!r} under key {obj.key!r}"
+        )
+    return decoded
+
+
+def decode_response(response: mesh_pb2.WatchResponse) -> Update:
+    """The one place a WatchResponse becomes model objects."""
+    bundle = response.trust_bundle_pem or None
+    body = response.WhichOneof("body")
+    if body == "snapshot":
+        tables: dict[Kind, dict[str, Any]] = {k: {} for k in Kind}
+        for raw in response.snapshot.objects:
+            obj = decode_object(raw)
+            tables[kind_of(obj)][key_of(obj)] = obj
+        snapshot = Snapshot(
+            revision=response.revision,
+            services=tables[Kind.SERVICE],
+            endpoints=tables[Kind.ENDPOINT],
+            nodes=tables[Kind.NODE],
+        )
+        return Reset(revision=response.revision, snapshot=snapshot, trust_bundle_pem=bundle)
+    if body == "delta":
+        events = []
+        for change in response.delta.changes:
+            if change.type not in _EVENT_TYPES:
+                raise InputError(f"control plane sent a change of unknown type {change.type}")
+            events.append(
+                Event(
+                    type=_EVENT_TYPES[change.type],
+                    object=decode_object(change.object),
+                    revision=response.revision,
+                )
+            )
+        return Delta(revision=response.revision, events=tuple(events), trust_bundle_pem=bundle)
+    return Bookmark(revision=response.revision, trust_bundle_pem=bundle)
+
+
+def apply_update(current: Snapshot | None, update: Update) -> Snapshot:
+    """The state after ``update``: a Reset replaces, a Delta applies, a Bookmark moves on."""
+    if isinstance(update, Reset):
+        return update.snapshot
+    if current is None:
+        raise MeshError(
+            f"got a {type(update).__name__} at revision {update.revision} before any state: "
+            "watch from revision 0 to start with a snapshot"
+        )
+    if isinstance(update, Bookmark):
+        return dataclasses.replace(current, revision=update.revision)
+    tables = {k: dict(current.table(k)) for k in Kind}
+    for ev in update.events:
+        if ev.type is EventType.DELETED:
+            tables[ev.kind].pop(ev.key, None)
+        else:
+            tables[ev.kind][ev.key] = ev.object
+    return Snapshot(
+        revision=update.revision,
+        services=tables[Kind.SERVICE],  # type: ignore[arg-type]
+        endpoints=tables[Kind.ENDPOINT],  # type: ignore[arg-type]
+        nodes=tables[Kind.NODE],  # type: ignore[arg-type]
+    )
+
+
+# ---- calls ------------------------------------------------------------------------------------
+
+
+def channel(
+    address: str,
+    bundle_pem: bytes,
+    client_cert_pem: bytes | None = None,
+    client_key_pem: bytes | None = None,
+    *,
+    options: Sequence[tuple[str, Any]] = (),
+) -> grpc.aio.Channel:
+    """A TLS channel that trusts only ``bundle_pem``; with a cert and key, an mTLS one.
+
+    Create it inside the running event loop; close it (``async with`` or ``close()``).
+    """
+    if not bundle_pem:
+        raise InputError("the trust bundle is empty: the control plane cannot be verified")
+    if (client_cert_pem is None) != (client_key_pem is None):
+        raise InputError("give both the client certificate and its key, or neither")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=bundle_pem,
+        private_key=client_key_pem,
+        certificate_chain=client_cert_pem,
+    )
+    return grpc.aio.secure_channel(
+        address, credentials, options=[("grpc.ssl_target_name_override", SERVER_NAME), *options]
+    )
+
+
+def watch_request(
+    *,
+    client_id: str,
+    kind: str,
+    since_revision: int = 0,
+    bundle_pem: bytes | None = None,
+    leaf_chain_pem: bytes | None = None,
+    spiffe_id: str = "",
+) -> mesh_pb2.WatchRequest:
+    """A WatchRequest (also the Report body) describing what this client runs now."""
+    request = mesh_pb2.WatchRequest(
+        client_id=client_id, kind=kind, since_revision=since_revision, spiffe_id=spiffe_id
+    )
+    if bundle_pem:
+        request.bundle_fingerprint = bundle_fingerprint_pem(bundle_pem)
+    if leaf_chain_pem:
+        leaf = pki.load_certs(leaf_chain_pem, source="leaf certificate")[0]
+        sid = pki.spiffe_id_of(leaf)
+        request.spiffe_id = str(sid) if sid else spiffe_id
+        request.leaf_serial = format(leaf.serial_number, "x")
+        request.leaf_not_after = int(leaf.not_valid_after_utc.timestamp())
+        request.leaf_chain_pem = leaf_chain_pem
+    return request
+
+
+async def watch(
+    stub: mesh_pb2_grpc.DiscoveryStub,
+    request: mesh_pb2.WatchRequest,
+    *,
+    idle_timeout_s: float = IDLE_TIMEOUT_S,
+) -> AsyncIterator[Update]:
+    """Decoded updates of one Watch stream, until it ends or fails (ControlPlaneError).
+
+    Silence longer than ``idle_timeout_s`` (no Bookmark) counts as a lost connection.
+    Reconnect with the last revision you applied to get only what you missed.
+    """
+    call = stub.Watch(request)
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(idle_timeout_s):
+                    response = await call.read()
+            except grpc.aio.AioRpcError as e:
+                raise _translate(e) from None
+            except TimeoutError:
+                raise ControlPlaneError(
+                    "UNAVAILABLE", f"no message for {idle_timeout_s:g}s on the watch stream"
+                ) from None
+            if response is grpc.aio.EOF:
+                return
+            yield decode_response(response)
+    finally:
+        call.cancel()
+
+
+async def report(
+    stub: mesh_pb2_grpc.DiscoveryStub,
+    request: mesh_pb2.WatchRequest,
+    *,
+    timeout_s: float = CALL_TIMEOUT_S,
+) -> None:
+    """Tell the control plane what this client runs now (after a new bundle or leaf)."""
+    try:
+        await stub.Report(request, timeout=timeout_s)
+    except grpc.aio.AioRpcError as e:
+        raise _translate(e) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Signed:
+    cert_chain_pem: bytes  # leaf first, then the issuer
+    trust_bundle_pem: bytes
+
+
+async def sign(
+    stub: mesh_pb2_grpc.CertificateAuthorityStub,
+    *,
+    csr_pem: bytes,
+    spiffe_id: str,
+    join_token: str = "",
+    ttl_seconds: int = 0,
+    timeout_s: float = CALL_TIMEOUT_S,
+) -> Signed:
+    """Have the control plane sign ``csr_pem``: with the join token, or over mTLS to renew."""
+    request = mesh_pb2.SignRequest(
+        csr_pem=csr_pem, spiffe_id=spiffe_id, join_token=join_token, ttl_seconds=ttl_seconds
+    )
+    try:
+        response = await stub.Sign(request, timeout=timeout_s)
+    except grpc.aio.AioRpcError as e:
+        raise _translate(e) from None
+    return Signed(response.cert_chain_pem, response.trust_bundle_pem)
