@@ -20,6 +20,7 @@ from meshlet.errors import MeshError
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "certs": ("certs.cli:certs", "create and rotate the mesh's certificates"),
     "control-plane": ("control_plane.cli:main", "run the control plane"),
+    "sidecar": ("sidecar.cli:main", "the per-container sidecar proxy and its traffic interception"),
 }
 
 

@@ -1,1 +1,4 @@
-"""sidecar: see DESIGN.md. Filled in by its issue."""
+"""The sidecar: the per-container proxy (listeners, relay, mTLS, balancing, breaking,
+retries, DNS, interception, admin). Pure cores (catalog, balancer, outlier, breaker,
+dns answers, nft rules) never import asyncio, socket or ssl; the shells do the I/O.
+"""
