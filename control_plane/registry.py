@@ -291,7 +291,9 @@ def apply(state: State, command: Command, cfg: Config) -> tuple[State, list[Even
         case PutService():
             _put_service(state, command, cfg, ch)
         case DeleteService(namespace=ns, name=name):
-            svc = _service(state, ns, name)
+            svc = state.services.get(service_key(ns, name))
+            if svc is None:
+                raise NotFoundError(f"service {ns}/{name} does not exist")
             for ep in state.endpoints.values():
                 if ep.service_key == svc.key:
                     ch.delete("endpoints", ep.id)

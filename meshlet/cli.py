@@ -20,6 +20,10 @@ from meshlet.errors import MeshError
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "certs": ("certs.cli:certs", "create and rotate the mesh's certificates"),
     "control-plane": ("control_plane.cli:main", "run the control plane"),
+    "get": ("meshlet.ctl:get", "list services, endpoints, nodes or VIPs"),
+    "describe": ("meshlet.ctl:describe", "show a service with its policy and endpoints"),
+    "apply": ("meshlet.ctl:apply", "create or update services from YAML"),
+    "delete": ("meshlet.ctl:delete", "delete a service"),
     "sidecar": ("sidecar.cli:main", "the per-container sidecar proxy and its traffic interception"),
 }
 
@@ -56,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except MeshError as e:
         _fail(str(e))
         sys.exit(e.exit_code)
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader went away (`meshlet get ... | head`): not an error
+        sys.exit(0)
     except click.exceptions.Abort:
         _fail("aborted")
         sys.exit(1)
