@@ -21,12 +21,12 @@ from typing import Any
 import click
 from cryptography import x509
 
-from certs import cadir, pki, schedule
+from certs import cadir, meshcheck, pki, schedule
 from certs.files import PUBLIC, SECRET, ensure_private_dir, read_file, write_files
 from certs.spiffe import parse as parse_spiffe_id
 from certs.verify import Expectation, verify_svid
 from meshlet.durations import format_duration, parse_duration
-from meshlet.errors import CertificateError, InputError, MeshError
+from meshlet.errors import CertificateError, ConflictError, InputError, MeshError
 
 DirPath = click.Path(file_okay=False, path_type=Path)
 FilePath = click.Path(dir_okay=True, path_type=Path)
@@ -425,6 +425,18 @@ def _status(
     }
 
 
+def _client(server: str, token_file: str | None) -> Any:
+    from meshlet.apiclient import ApiClient
+    from meshlet.ctl import read_token_file
+
+    return ApiClient(server, read_token_file(token_file) if token_file else None)
+
+
+def _mesh_report(server: str, token_file: str | None) -> dict[str, Any]:
+    report: dict[str, Any] = _client(server, token_file).get("/v1/ca").data
+    return report
+
+
 @rotate.command("root")
 @click.option("--dir", "directory", type=DirPath, required=True, help="CA directory.")
 @click.option("--step", type=click.Choice([s.value for s in cadir.Step]), default=None)
@@ -442,6 +454,14 @@ def _status(
 @click.option(
     "--issuer-ttl", default="1y", show_default=True, help="Lifetime of the new issuer (promote)."
 )
+@click.option(
+    "--control-plane",
+    metavar="URL",
+    default=None,
+    help="Ask this running control plane (admin API) whether the mesh is ready for the step.",
+)
+@click.option("--token-file", envvar="MESHLET_TOKEN_FILE", metavar="PATH", help="Admin token file.")
+@click.option("--force", is_flag=True, help="Take the step even if the mesh is not ready.")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
 def rotate_root(
     directory: Path,
@@ -450,15 +470,26 @@ def rotate_root(
     still_in_use: Sequence[str],
     root_ttl: str,
     issuer_ttl: str,
+    control_plane: str | None,
+    token_file: str | None,
+    force: bool,
     output: str,
 ) -> None:
-    """Rotate the root with overlap: --step add, then promote, then retire."""
+    """Rotate the root with overlap: --step add, then promote, then retire.
+
+    With --control-plane, the running mesh is asked first: promote waits until every
+    sidecar trusts both roots, retire until every sidecar runs a leaf under the new root.
+    """
     if (step is None) == (not status):
         raise InputError("give exactly one of --step add|promote|retire and --status")
     in_use = [(str(p), _load_chain(p, "--still-in-use file")) for p in _split_files(still_in_use)]
     state = cadir.load(directory)
+    mesh = _mesh_report(control_plane, token_file) if control_plane else None
     if status:
         info = _status(state, in_use)
+        if mesh is not None:
+            waiting = meshcheck.blockers(mesh, state.next_step)
+            info["mesh"] = {"clients": len(mesh.get("clients", [])), "waiting_for": waiting}
         if output == "json":
             click.echo(json.dumps(info, indent=2))
             return
@@ -470,8 +501,20 @@ def rotate_root(
         click.echo(f"next step     {info['next_step_help']}")
         for entry in info["blocking"]:
             click.echo(f"blocking      {entry['file']} {entry['reason']}")
+        if "mesh" in info:
+            waiting = info["mesh"]["waiting_for"]
+            verdict = "not yet: waiting for" if waiting else "ready for this step"
+            click.echo(f"mesh          {info['mesh']['clients']} client(s); {verdict}")
+            for reason in waiting:
+                click.echo(f"waiting       {reason}")
         return
     chosen = cadir.Step(step)
+    if mesh is not None and not force and (waiting := meshcheck.blockers(mesh, chosen)):
+        raise ConflictError(
+            f"the mesh is not ready to {chosen.value}: {waiting[0]}"
+            + (f" (and {len(waiting) - 1} more)" if len(waiting) > 1 else "")
+            + "; wait and check `--status`, or pass --force"
+        )
     change = cadir.plan_root_step(
         state,
         chosen,
@@ -482,5 +525,7 @@ def rotate_root(
     )
     cadir.apply(directory, change)
     after = cadir.load(directory)
+    if control_plane:
+        _client(control_plane, token_file).post("/v1/ca/reload")  # push the change now
     click.echo(f"{chosen.value}: done; bundle.pem now holds {len(after.bundle)} root(s)")
     click.echo(f"next step: {_STEP_HELP[after.next_step]}")

@@ -101,6 +101,8 @@ class ControlPlaneProcess:
                     "127.0.0.1:0",
                     "--grpc",
                     "127.0.0.1:0",
+                    "--grpc-mtls",
+                    "127.0.0.1:0",
                     *self.extra_args,
                 ],
                 stdin=subprocess.DEVNULL,
