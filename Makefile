@@ -4,8 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The pure cores, type-checked strictly.
-MYPY_TARGETS := meshlet/errors.py meshlet/durations.py meshlet/runtime.py \
-	certs/spiffe.py certs/pki.py certs/verify.py certs/schedule.py
+MYPY_TARGETS := meshlet/errors.py meshlet/durations.py meshlet/runtime.py meshlet/model.py \
+	meshlet/policy.py meshlet/wire.py meshlet/manifest.py \
+	certs/spiffe.py certs/pki.py certs/verify.py certs/schedule.py certs/bundle.py certs/meshcheck.py \
+	control_plane/registry.py control_plane/health.py control_plane/ca_rules.py control_plane/ca_report.py \
+	sidecar/catalog.py sidecar/intercept.py sidecar/dns.py
 
 .PHONY: demo test bench lint bootstrap clean
 

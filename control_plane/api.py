@@ -265,7 +265,15 @@ async def list_nodes(request: web.Request) -> web.StreamResponse:
         )
     revision = await http.block(request, ctx.cp, ctx.rng)
     nodes = ctx.cp.state.nodes
-    return _items([nodes[k] for k in sorted(nodes)], revision)
+    now = ctx.monotonic()
+
+    def render(node: Node) -> dict[str, Any]:
+        data: dict[str, Any] = wire.to_data(node)
+        seen = ctx.health.nodes_seen.get(node.name)
+        data["last_seen_age_s"] = None if seen is None else round(now - seen, 3)
+        return data
+
+    return _items([nodes[k] for k in sorted(nodes)], revision, render)
 
 
 NODE_BODY_FIELDS = {"underlay_address", "vtep_mac"}
