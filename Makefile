@@ -8,7 +8,8 @@ MYPY_TARGETS := meshlet/errors.py meshlet/durations.py meshlet/runtime.py meshle
 	meshlet/policy.py meshlet/wire.py meshlet/manifest.py \
 	certs/spiffe.py certs/pki.py certs/verify.py certs/schedule.py certs/bundle.py certs/meshcheck.py \
 	control_plane/registry.py control_plane/health.py control_plane/ca_rules.py control_plane/ca_report.py \
-	sidecar/catalog.py sidecar/intercept.py sidecar/dns.py
+	sidecar/catalog.py sidecar/intercept.py sidecar/dns.py \
+	sidecar/balancer.py sidecar/outlier.py sidecar/breaker.py sidecar/retry_budget.py sidecar/backoff.py
 
 .PHONY: demo test bench lint bootstrap clean
 

@@ -14,6 +14,7 @@ from pathlib import Path
 SUITES = {
     "certs": "bench.certs_suite",
     "control-plane": "bench.control_plane_suite",
+    "sidecar-cores": "bench.sidecar_cores_suite",
 }
 
 
