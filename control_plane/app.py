@@ -94,7 +94,7 @@ async def run(cfg: RunConfig, stop: asyncio.Event | None = None) -> None:
         tracker = HealthTracker(
             ttl_s=cfg.ttl_s, deregister_after_s=cfg.deregister_after_s, node_ttl_s=cfg.ttl_s
         )
-        authority, grpc_server = await _start_identity(cfg, cp, join_token)
+        authority, grpc_server = await _start_identity(cfg, cp, join_token, tracker)
         ctx = ApiContext(cp=cp, health=tracker, ca=authority, bookmark_s=cfg.bookmark_s)
         runner = web.AppRunner(
             make_app(ctx, admin_token=admin_token), access_log=None, shutdown_timeout=2.0
@@ -139,11 +139,12 @@ async def run(cfg: RunConfig, stop: asyncio.Event | None = None) -> None:
 
 
 async def _start_identity(
-    cfg: RunConfig, cp: ControlPlane, join_token: str
+    cfg: RunConfig, cp: ControlPlane, join_token: str, tracker: HealthTracker
 ) -> tuple[Authority, GrpcServer]:
-    """The CA and the gRPC server (discovery + signing)."""
+    """The CA and the gRPC server (discovery + signing + registration, which heartbeats
+    into the same tracker as the admin API)."""
     authority = Authority.open(cfg.data_dir, trust_domain=cfg.trust_domain, join_token=join_token)
-    server = GrpcServer(cp, authority, bookmark_s=cfg.bookmark_s)
+    server = GrpcServer(cp, authority, bookmark_s=cfg.bookmark_s, health_tracker=tracker)
     await server.start(format_hostport(*cfg.grpc), mtls_address=format_hostport(*cfg.grpc_mtls))
     return authority, server
 

@@ -8,7 +8,9 @@ up to two ports:
   Report, health, and Sign with the join token (a workload's first certificate).
 - the mTLS port: the same services, but the client must present its SVID; Sign there
   renews the presented identity. (gRPC Python cannot ask for an optional client
-  certificate, so one port cannot serve both kinds of client.)
+  certificate, so one port cannot serve both kinds of client.) Registration
+  (``registration_rpc``) is for this port only: without a client SVID it answers
+  UNAUTHENTICATED, which is what every call on the TLS port gets.
 
 A Watch stream sends a full Snapshot first (or, when resuming from a revision still in
 history, a Delta of what was missed), then one Delta per revision, and a Bookmark when
@@ -41,6 +43,9 @@ from control_plane.discovery_wire import (
     peer_chain,
     snapshot_response,
 )
+from control_plane.health import HealthTracker
+from control_plane.registration_rpc import SERVICE_NAME as REGISTRATION_SERVICE
+from control_plane.registration_rpc import RegistrationServicer
 from control_plane.store.base import CompactedError
 from meshlet.errors import ConflictError, InputError, MeshError
 from meshlet.model import Event
@@ -280,7 +285,8 @@ def server_credentials(
 
 
 class GrpcServer:
-    """Discovery + CertificateAuthority + health on a TLS port and, optionally, an mTLS port."""
+    """Discovery + CertificateAuthority + health on a TLS port and, optionally, an mTLS port;
+    plus Registration (mTLS callers only) when given the ``health_tracker``."""
 
     def __init__(
         self,
@@ -288,10 +294,17 @@ class GrpcServer:
         authority: Authority,
         *,
         bookmark_s: float = BOOKMARK_INTERVAL_S,
+        health_tracker: HealthTracker | None = None,
     ) -> None:
         self._authority = authority
         self._discovery = DiscoveryServicer(control_plane, authority, bookmark_s=bookmark_s)
         self._ca = CertificateAuthorityServicer(authority)
+        # Registration needs the tracker the admin API uses (heartbeats); without one, no service.
+        self._registration = (
+            RegistrationServicer(control_plane, authority, health_tracker)
+            if health_tracker is not None
+            else None
+        )
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._unsubscribe: Callable[[], None] | None = None
@@ -306,11 +319,15 @@ class GrpcServer:
         mesh_pb2_grpc.add_DiscoveryServicer_to_server(self._discovery, server)  # type: ignore[no-untyped-call]
         mesh_pb2_grpc.add_CertificateAuthorityServicer_to_server(self._ca, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        names: tuple[str, ...] = SERVICE_NAMES
+        if self._registration is not None:  # answers UNAUTHENTICATED without a client SVID
+            mesh_pb2_grpc.add_RegistrationServicer_to_server(self._registration, server)  # type: ignore[no-untyped-call]
+            names = (*names, REGISTRATION_SERVICE)
         self.port = _bind(server, address, server_credentials(self._tls, client_auth=False))
         if mtls_address is not None:
             creds = server_credentials(self._tls, client_auth=True)
             self.mtls_port = _bind(server, mtls_address, creds)
-        for name in ("", *SERVICE_NAMES):
+        for name in ("", *names):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._unsubscribe = self._authority.subscribe(self._discovery.wake_all)
         self._discovery.closing = False

@@ -1,6 +1,6 @@
 """The client side of the control plane's gRPC API, shared by the sidecar, the node helper
 and the CLI: a verified TLS channel, the Watch stream decoded into model objects, Report,
-and Sign.
+Sign, and the Registration of a sidecar's own endpoint (over mTLS).
 
 Decoding a WatchResponse into model objects happens here and nowhere else. The channel
 always verifies the control plane against the mesh's trust bundle and its fixed name
@@ -18,12 +18,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import orjson
 
 from certs import pki
 from certs.bundle import bundle_fingerprint_pem
 from meshlet import wire
 from meshlet.errors import InputError, MeshError
-from meshlet.model import Event, EventType, Kind, Object, Snapshot, key_of, kind_of
+from meshlet.model import (
+    Endpoint,
+    Event,
+    EventType,
+    Health,
+    Kind,
+    Object,
+    ServicePort,
+    Snapshot,
+    key_of,
+    kind_of,
+)
 from meshlet.proto import mesh_pb2, mesh_pb2_grpc
 
 SERVER_NAME = "control-plane.meshlet"  # the DNS SAN of the control plane's certificate
@@ -282,3 +294,75 @@ async def sign(
     except grpc.aio.AioRpcError as e:
         raise _translate(e) from None
     return Signed(response.cert_chain_pem, response.trust_bundle_pem)
+
+
+# ---- registration: a sidecar's own endpoint, over the mTLS channel -----------------------------
+
+RegistrationStub = mesh_pb2_grpc.RegistrationStub
+
+
+def _health(text: str) -> Health:
+    try:
+        return Health(text)
+    except ValueError:
+        raise InputError(f"control plane sent an unknown health {text!r}") from None
+
+
+async def register(
+    stub: mesh_pb2_grpc.RegistrationStub,
+    endpoint: Endpoint,
+    service_ports: Sequence[ServicePort] = (),
+    *,
+    timeout_s: float = CALL_TIMEOUT_S,
+) -> Endpoint:
+    """Register (or re-register) ``endpoint``; the answer is the endpoint as stored.
+
+    The stub must ride on an mTLS channel with the SVID of the endpoint's service (the
+    control plane sets the endpoint's identity to it). ``service_ports`` create the service
+    when it does not exist yet.
+    """
+    request = mesh_pb2.RegisterRequest(endpoint_json=wire.encode(endpoint))
+    if service_ports:
+        request.service_ports_json = orjson.dumps([wire.to_data(p) for p in service_ports])
+    try:
+        response = await stub.Register(request, timeout=timeout_s)
+    except grpc.aio.AioRpcError as e:
+        raise _translate(e) from None
+    return wire.decode(Endpoint, response.endpoint_json, what="registered endpoint")
+
+
+async def heartbeat(
+    stub: mesh_pb2_grpc.RegistrationStub, id: str, *, timeout_s: float = CALL_TIMEOUT_S
+) -> Health:
+    """Keep endpoint ``id`` alive; its health after the beat. NOT_FOUND: register again."""
+    try:
+        response = await stub.Heartbeat(mesh_pb2.HeartbeatRequest(id=id), timeout=timeout_s)
+    except grpc.aio.AioRpcError as e:
+        raise _translate(e) from None
+    return _health(response.health)
+
+
+async def set_health(
+    stub: mesh_pb2_grpc.RegistrationStub,
+    id: str,
+    health: Health,
+    *,
+    timeout_s: float = CALL_TIMEOUT_S,
+) -> Health:
+    """Set endpoint ``id``'s health, e.g. DRAINING before shutdown."""
+    request = mesh_pb2.SetHealthRequest(id=id, health=Health(health).value)
+    try:
+        response = await stub.SetHealth(request, timeout=timeout_s)
+    except grpc.aio.AioRpcError as e:
+        raise _translate(e) from None
+    return _health(response.health)
+
+
+async def deregister(
+    stub: mesh_pb2_grpc.RegistrationStub, id: str, *, timeout_s: float = CALL_TIMEOUT_S
+) -> None:
+    """Remove endpoint ``id`` from the mesh."""
+    try:
+        await stub.Deregister(mesh_pb2.DeregisterRequest(id=id), timeout=timeout_s)
+    except grpc.aio.AioRpcError as e:
+        raise _translate(e) from None

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18meshlet/proto/mesh.proto\x12\nmeshlet.v1\"1\n\x06Object\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0c\n\x04json\x18\x03 \x01(\x0c\"\xbb\x01\n\x0cWatchRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x16\n\x0esince_revision\x18\x03 \x01(\x03\x12\x11\n\tspiffe_id\x18\x04 \x01(\t\x12\x1a\n\x12\x62undle_fingerprint\x18\x05 \x01(\t\x12\x13\n\x0bleaf_serial\x18\x06 \x01(\t\x12\x16\n\x0eleaf_not_after\x18\x07 \x01(\x03\x12\x16\n\x0eleaf_chain_pem\x18\x08 \x01(\x0c\"/\n\x08Snapshot\x12#\n\x07objects\x18\x01 \x03(\x0b\x32\x12.meshlet.v1.Object\"\x97\x01\n\x06\x43hange\x12%\n\x04type\x18\x01 \x01(\x0e\x32\x17.meshlet.v1.Change.Type\x12\"\n\x06object\x18\x02 \x01(\x0b\x32\x12.meshlet.v1.Object\"B\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05\x41\x44\x44\x45\x44\x10\x01\x12\x0c\n\x08MODIFIED\x10\x02\x12\x0b\n\x07\x44\x45LETED\x10\x03\",\n\x05\x44\x65lta\x12#\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x12.meshlet.v1.Change\"\n\n\x08\x42ookmark\"\xbb\x01\n\rWatchResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12(\n\x08snapshot\x18\x02 \x01(\x0b\x32\x14.meshlet.v1.SnapshotH\x00\x12\"\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x11.meshlet.v1.DeltaH\x00\x12(\n\x08\x62ookmark\x18\x04 \x01(\x0b\x32\x14.meshlet.v1.BookmarkH\x00\x12\x18\n\x10trust_bundle_pem\x18\x05 \x01(\x0c\x42\x06\n\x04\x62ody\"\x10\n\x0eReportResponse\"Z\n\x0bSignRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x12\n\njoin_token\x18\x03 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x03\"@\n\x0cSignResponse\x12\x16\n\x0e\x63\x65rt_chain_pem\x18\x01 \x01(\x0c\x12\x18\n\x10trust_bundle_pem\x18\x02 \x01(\x0c\x32\x8b\x01\n\tDiscovery\x12>\n\x05Watch\x12\x18.meshlet.v1.WatchRequest\x1a\x19.meshlet.v1.WatchResponse0\x01\x12>\n\x06Report\x12\x18.meshlet.v1.WatchRequest\x1a\x1a.meshlet.v1.ReportResponse2Q\n\x14\x43\x65rtificateAuthority\x12\x39\n\x04Sign\x12\x17.meshlet.v1.SignRequest\x1a\x18.meshlet.v1.SignResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18meshlet/proto/mesh.proto\x12\nmeshlet.v1\"1\n\x06Object\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0c\n\x04json\x18\x03 \x01(\x0c\"\xbb\x01\n\x0cWatchRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x16\n\x0esince_revision\x18\x03 \x01(\x03\x12\x11\n\tspiffe_id\x18\x04 \x01(\t\x12\x1a\n\x12\x62undle_fingerprint\x18\x05 \x01(\t\x12\x13\n\x0bleaf_serial\x18\x06 \x01(\t\x12\x16\n\x0eleaf_not_after\x18\x07 \x01(\x03\x12\x16\n\x0eleaf_chain_pem\x18\x08 \x01(\x0c\"/\n\x08Snapshot\x12#\n\x07objects\x18\x01 \x03(\x0b\x32\x12.meshlet.v1.Object\"\x97\x01\n\x06\x43hange\x12%\n\x04type\x18\x01 \x01(\x0e\x32\x17.meshlet.v1.Change.Type\x12\"\n\x06object\x18\x02 \x01(\x0b\x32\x12.meshlet.v1.Object\"B\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05\x41\x44\x44\x45\x44\x10\x01\x12\x0c\n\x08MODIFIED\x10\x02\x12\x0b\n\x07\x44\x45LETED\x10\x03\",\n\x05\x44\x65lta\x12#\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x12.meshlet.v1.Change\"\n\n\x08\x42ookmark\"\xbb\x01\n\rWatchResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12(\n\x08snapshot\x18\x02 \x01(\x0b\x32\x14.meshlet.v1.SnapshotH\x00\x12\"\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x11.meshlet.v1.DeltaH\x00\x12(\n\x08\x62ookmark\x18\x04 \x01(\x0b\x32\x14.meshlet.v1.BookmarkH\x00\x12\x18\n\x10trust_bundle_pem\x18\x05 \x01(\x0c\x42\x06\n\x04\x62ody\"\x10\n\x0eReportResponse\"Z\n\x0bSignRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x12\n\njoin_token\x18\x03 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x03\"@\n\x0cSignResponse\x12\x16\n\x0e\x63\x65rt_chain_pem\x18\x01 \x01(\x0c\x12\x18\n\x10trust_bundle_pem\x18\x02 \x01(\x0c\"D\n\x0fRegisterRequest\x12\x15\n\rendpoint_json\x18\x01 \x01(\x0c\x12\x1a\n\x12service_ports_json\x18\x02 \x01(\x0c\"L\n\x10RegisterResponse\x12\x15\n\rendpoint_json\x18\x01 \x01(\x0c\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\"\x1e\n\x10HeartbeatRequest\x12\n\n\x02id\x18\x01 \x01(\t\"A\n\x11HeartbeatResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06health\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\".\n\x10SetHealthRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06health\x18\x02 \x01(\t\"\x1f\n\x11\x44\x65registerRequest\x12\n\n\x02id\x18\x01 \x01(\t\"&\n\x12\x44\x65registerResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x32\x8b\x01\n\tDiscovery\x12>\n\x05Watch\x12\x18.meshlet.v1.WatchRequest\x1a\x19.meshlet.v1.WatchResponse0\x01\x12>\n\x06Report\x12\x18.meshlet.v1.WatchRequest\x1a\x1a.meshlet.v1.ReportResponse2Q\n\x14\x43\x65rtificateAuthority\x12\x39\n\x04Sign\x12\x17.meshlet.v1.SignRequest\x1a\x18.meshlet.v1.SignResponse2\xb6\x02\n\x0cRegistration\x12\x45\n\x08Register\x12\x1b.meshlet.v1.RegisterRequest\x1a\x1c.meshlet.v1.RegisterResponse\x12H\n\tHeartbeat\x12\x1c.meshlet.v1.HeartbeatRequest\x1a\x1d.meshlet.v1.HeartbeatResponse\x12H\n\tSetHealth\x12\x1c.meshlet.v1.SetHealthRequest\x1a\x1d.meshlet.v1.HeartbeatResponse\x12K\n\nDeregister\x12\x1d.meshlet.v1.DeregisterRequest\x1a\x1e.meshlet.v1.DeregisterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,8 +53,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SIGNREQUEST']._serialized_end=840
   _globals['_SIGNRESPONSE']._serialized_start=842
   _globals['_SIGNRESPONSE']._serialized_end=906
-  _globals['_DISCOVERY']._serialized_start=909
-  _globals['_DISCOVERY']._serialized_end=1048
-  _globals['_CERTIFICATEAUTHORITY']._serialized_start=1050
-  _globals['_CERTIFICATEAUTHORITY']._serialized_end=1131
+  _globals['_REGISTERREQUEST']._serialized_start=908
+  _globals['_REGISTERREQUEST']._serialized_end=976
+  _globals['_REGISTERRESPONSE']._serialized_start=978
+  _globals['_REGISTERRESPONSE']._serialized_end=1054
+  _globals['_HEARTBEATREQUEST']._serialized_start=1056
+  _globals['_HEARTBEATREQUEST']._serialized_end=1086
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1088
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1153
+  _globals['_SETHEALTHREQUEST']._serialized_start=1155
+  _globals['_SETHEALTHREQUEST']._serialized_end=1201
+  _globals['_DEREGISTERREQUEST']._serialized_start=1203
+  _globals['_DEREGISTERREQUEST']._serialized_end=1234
+  _globals['_DEREGISTERRESPONSE']._serialized_start=1236
+  _globals['_DEREGISTERRESPONSE']._serialized_end=1274
+  _globals['_DISCOVERY']._serialized_start=1277
+  _globals['_DISCOVERY']._serialized_end=1416
+  _globals['_CERTIFICATEAUTHORITY']._serialized_start=1418
+  _globals['_CERTIFICATEAUTHORITY']._serialized_end=1499
+  _globals['_REGISTRATION']._serialized_start=1502
+  _globals['_REGISTRATION']._serialized_end=1812
 # @@protoc_insertion_point(module_scope)

@@ -108,3 +108,57 @@ class SignResponse(_message.Message):
     cert_chain_pem: bytes
     trust_bundle_pem: bytes
     def __init__(self, cert_chain_pem: _Optional[bytes] = ..., trust_bundle_pem: _Optional[bytes] = ...) -> None: ...
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("endpoint_json", "service_ports_json")
+    ENDPOINT_JSON_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_PORTS_JSON_FIELD_NUMBER: _ClassVar[int]
+    endpoint_json: bytes
+    service_ports_json: bytes
+    def __init__(self, endpoint_json: _Optional[bytes] = ..., service_ports_json: _Optional[bytes] = ...) -> None: ...
+
+class RegisterResponse(_message.Message):
+    __slots__ = ("endpoint_json", "revision", "created")
+    ENDPOINT_JSON_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    endpoint_json: bytes
+    revision: int
+    created: bool
+    def __init__(self, endpoint_json: _Optional[bytes] = ..., revision: _Optional[int] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("id", "health", "revision")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    health: str
+    revision: int
+    def __init__(self, id: _Optional[str] = ..., health: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class SetHealthRequest(_message.Message):
+    __slots__ = ("id", "health")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    health: str
+    def __init__(self, id: _Optional[str] = ..., health: _Optional[str] = ...) -> None: ...
+
+class DeregisterRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class DeregisterResponse(_message.Message):
+    __slots__ = ("revision",)
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    def __init__(self, revision: _Optional[int] = ...) -> None: ...

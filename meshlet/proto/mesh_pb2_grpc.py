@@ -214,3 +214,207 @@ class CertificateAuthority:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class RegistrationStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Register = channel.unary_unary(
+                '/meshlet.v1.Registration/Register',
+                request_serializer=meshlet_dot_proto_dot_mesh__pb2.RegisterRequest.SerializeToString,
+                response_deserializer=meshlet_dot_proto_dot_mesh__pb2.RegisterResponse.FromString,
+                _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/meshlet.v1.Registration/Heartbeat',
+                request_serializer=meshlet_dot_proto_dot_mesh__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=meshlet_dot_proto_dot_mesh__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
+        self.SetHealth = channel.unary_unary(
+                '/meshlet.v1.Registration/SetHealth',
+                request_serializer=meshlet_dot_proto_dot_mesh__pb2.SetHealthRequest.SerializeToString,
+                response_deserializer=meshlet_dot_proto_dot_mesh__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
+        self.Deregister = channel.unary_unary(
+                '/meshlet.v1.Registration/Deregister',
+                request_serializer=meshlet_dot_proto_dot_mesh__pb2.DeregisterRequest.SerializeToString,
+                response_deserializer=meshlet_dot_proto_dot_mesh__pb2.DeregisterResponse.FromString,
+                _registered_method=True)
+
+
+class RegistrationServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Register(self, request, context):
+        """Register (or re-register) the caller's endpoint; it counts as a heartbeat.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Heartbeat(self, request, context):
+        """Keep the endpoint healthy; send every few seconds (well inside the control plane's TTL).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetHealth(self, request, context):
+        """E.g. "draining" before shutdown: routed to no more, still registered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Deregister(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RegistrationServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Register': grpc.unary_unary_rpc_method_handler(
+                    servicer.Register,
+                    request_deserializer=meshlet_dot_proto_dot_mesh__pb2.RegisterRequest.FromString,
+                    response_serializer=meshlet_dot_proto_dot_mesh__pb2.RegisterResponse.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=meshlet_dot_proto_dot_mesh__pb2.HeartbeatRequest.FromString,
+                    response_serializer=meshlet_dot_proto_dot_mesh__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'SetHealth': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetHealth,
+                    request_deserializer=meshlet_dot_proto_dot_mesh__pb2.SetHealthRequest.FromString,
+                    response_serializer=meshlet_dot_proto_dot_mesh__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'Deregister': grpc.unary_unary_rpc_method_handler(
+                    servicer.Deregister,
+                    request_deserializer=meshlet_dot_proto_dot_mesh__pb2.DeregisterRequest.FromString,
+                    response_serializer=meshlet_dot_proto_dot_mesh__pb2.DeregisterResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'meshlet.v1.Registration', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('meshlet.v1.Registration', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Registration:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Register(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshlet.v1.Registration/Register',
+            meshlet_dot_proto_dot_mesh__pb2.RegisterRequest.SerializeToString,
+            meshlet_dot_proto_dot_mesh__pb2.RegisterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshlet.v1.Registration/Heartbeat',
+            meshlet_dot_proto_dot_mesh__pb2.HeartbeatRequest.SerializeToString,
+            meshlet_dot_proto_dot_mesh__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetHealth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshlet.v1.Registration/SetHealth',
+            meshlet_dot_proto_dot_mesh__pb2.SetHealthRequest.SerializeToString,
+            meshlet_dot_proto_dot_mesh__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Deregister(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshlet.v1.Registration/Deregister',
+            meshlet_dot_proto_dot_mesh__pb2.DeregisterRequest.SerializeToString,
+            meshlet_dot_proto_dot_mesh__pb2.DeregisterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
