@@ -15,6 +15,7 @@ SUITES = {
     "certs": "bench.certs_suite",
     "control-plane": "bench.control_plane_suite",
     "sidecar-cores": "bench.sidecar_cores_suite",
+    "relay": "bench.relay_suite",
 }
 
 
