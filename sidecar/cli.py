@@ -13,6 +13,7 @@ from __future__ import annotations
 import click
 
 from sidecar import intercept, nft
+from sidecar.cli_run import run as run_command
 
 
 @click.group("sidecar")
@@ -124,3 +125,6 @@ def init(
         return
     nft.ensure(cfg)
     click.echo(f"installed {intercept.summary(cfg)}")
+
+
+main.add_command(run_command)

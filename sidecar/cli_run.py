@@ -1,0 +1,178 @@
+"""`meshlet sidecar run`: flags → SidecarConfig → sidecar.app.run on uvloop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from meshlet.addresses import format_hostport, parse_hostport
+from meshlet.errors import InputError
+
+PathArg = click.Path(path_type=Path)
+
+
+def _labels(values: tuple[str, ...]) -> dict[str, str]:
+    labels = {}
+    for v in values:
+        key, sep, value = v.partition("=")
+        if not sep:
+            raise InputError(f"--label {v!r} must be KEY=VALUE, like version=v2")
+        labels[key] = value
+    return labels
+
+
+@click.command("run")
+@click.option(
+    "--service", required=True, metavar="NS/NAME", help="The service this replica belongs to."
+)
+@click.option(
+    "--control-plane",
+    required=True,
+    metavar="HOST:PORT",
+    help="The control plane's gRPC (TLS) address.",
+)
+@click.option(
+    "--control-plane-mtls",
+    metavar="HOST:PORT",
+    help="Its mutual-TLS gRPC address (default: same host, port 15012).",
+)
+@click.option(
+    "--ca-bundle",
+    type=PathArg,
+    required=True,
+    help="Trust bundle: verifies the control plane and peers.",
+)
+@click.option("--join-token", type=PathArg, help="File with the join token (first certificate).")
+@click.option(
+    "--cert-dir",
+    type=PathArg,
+    help="Where the key and certificate live (0700). Default: /var/lib/meshlet/NS-NAME.",
+)
+@click.option("--app-port", type=int, required=True, help="The app's port on 127.0.0.1.")
+@click.option(
+    "--app-protocol", type=click.Choice(["tcp", "http", "grpc"]), default="tcp", show_default=True
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["transparent", "explicit"]),
+    default="transparent",
+    show_default=True,
+)
+@click.option(
+    "--upstream",
+    "upstreams",
+    multiple=True,
+    metavar="NS/NAME:PORT=127.0.0.1:LOCALPORT",
+    help="Explicit mode: a local port for a mesh service (repeatable).",
+)
+@click.option("--admin", default="127.0.0.1:15000", show_default=True)
+@click.option("--inbound", default="0.0.0.0:15006", show_default=True)
+@click.option("--outbound", default="127.0.0.1:15001", show_default=True)
+@click.option(
+    "--address",
+    default=None,
+    help="The address peers dial (this replica's overlay IP). Default: the inbound host, or 127.0.0.1.",
+)
+@click.option(
+    "--endpoint-id",
+    default="",
+    help="This replica's endpoint id (default: derived from service and address).",
+)
+@click.option("--node", default=None, help="The node this replica runs on.")
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Endpoint label, e.g. version=v2 (repeatable).",
+)
+@click.option(
+    "--dns", default=None, metavar="ADDR[:PORT]", help="Serve mesh DNS here (e.g. 127.0.0.53:53)."
+)
+@click.option(
+    "--unknown-destination",
+    type=click.Choice(["pass", "reject"]),
+    default="pass",
+    show_default=True,
+)
+@click.option("--drain-timeout", default="30s", show_default=True)
+@click.option(
+    "--cert-ttl",
+    default=None,
+    help="Ask for certificates of this lifetime (default: the CA's, 24h).",
+)
+@click.option(
+    "--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"])
+)
+def run(
+    service: str,
+    control_plane: str,
+    control_plane_mtls: str | None,
+    ca_bundle: Path,
+    join_token: Path | None,
+    cert_dir: Path | None,
+    app_port: int,
+    app_protocol: str,
+    mode: str,
+    upstreams: tuple[str, ...],
+    admin: str,
+    inbound: str,
+    outbound: str,
+    address: str | None,
+    endpoint_id: str,
+    node: str | None,
+    labels: tuple[str, ...],
+    dns: str | None,
+    unknown_destination: str,
+    drain_timeout: str,
+    cert_ttl: str | None,
+    log_level: str,
+) -> None:
+    """Run the sidecar until SIGTERM (then drain and exit)."""
+    import uvloop
+
+    from meshlet import logs
+    from meshlet.durations import parse_duration
+    from meshlet.model import Protocol
+    from sidecar.app import run as run_app
+    from sidecar.config import Mode, SidecarConfig, UnknownDestination, parse_upstream
+    from sidecar.intercept import parse_dns
+
+    ns, slash, name = service.partition("/")
+    if not slash:
+        raise InputError(f"--service {service!r} must be NS/NAME, like shop/orders")
+    cp_host, cp_port = parse_hostport(control_plane, what="--control-plane")
+    inbound_addr = parse_hostport(inbound, what="--inbound", default_host="0.0.0.0")
+    if address is None:
+        address = inbound_addr[0] if inbound_addr[0] not in ("0.0.0.0", "::") else "127.0.0.1"
+    if join_token is None and cert_dir is None:
+        raise InputError(
+            "pass --join-token FILE (first certificate) or --cert-dir DIR (existing one)"
+        )
+    cfg = SidecarConfig(
+        namespace=ns,
+        service=name,
+        control_plane=format_hostport(cp_host, cp_port),
+        control_plane_mtls=control_plane_mtls or format_hostport(cp_host, 15012),
+        ca_bundle=ca_bundle,
+        cert_dir=cert_dir or Path("/var/lib/meshlet") / f"{ns}-{name}",
+        join_token=join_token,
+        app_port=app_port,
+        app_protocol=Protocol(app_protocol),
+        mode=Mode(mode),
+        upstreams=tuple(parse_upstream(u) for u in upstreams),
+        admin=parse_hostport(admin, what="--admin"),
+        inbound=inbound_addr,
+        outbound=parse_hostport(outbound, what="--outbound"),
+        address=address,
+        endpoint_id=endpoint_id,
+        node=node,
+        labels=_labels(labels),
+        dns=parse_dns(dns) if dns else None,
+        unknown_destination=UnknownDestination(unknown_destination),
+        drain_timeout_s=parse_duration(drain_timeout, what="--drain-timeout"),
+        cert_ttl_s=int(parse_duration(cert_ttl, what="--cert-ttl")) if cert_ttl else None,
+    )
+    logs.setup(log_level)
+    uvloop.run(run_app(cfg))

@@ -1,0 +1,310 @@
+"""Outbound: the app's connections to mesh services, over mutual TLS to a peer sidecar.
+
+Transparent mode has one listener (15001): SO_ORIGINAL_DST gives the VIP:port the app
+dialled. Explicit mode has one local listener per ``--upstream``. For each connection:
+the breaker admits it or it is reset at once; an endpoint is chosen (outlier rules,
+then the balancer); connect + TLS handshake with a timeout; the peer must present
+exactly the SPIFFE ID the control plane lists for that endpoint; a failure tries
+another endpoint (bounded) before the app sees a reset. Then the relay takes over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography import x509
+
+from certs.spiffe import SpiffeIdError
+from certs.spiffe import parse as parse_spiffe_id
+from certs.verify import Expectation, check_identity
+from meshlet.model import Endpoint, Service
+from sidecar.breaker import Kind
+from sidecar.catalog import Catalog
+from sidecar.clusters import Cluster, Clusters
+from sidecar.config import SidecarConfig, UnknownDestination, Upstream
+from sidecar.metrics import SidecarMetrics
+from sidecar.origdst import original_dst
+from sidecar.relay import PlainSide, Relay, RelayStats
+from sidecar.tlsleg import TlsHandshakeError, TlsLeg
+
+log = logging.getLogger(__name__)
+Contexts = Callable[[], object]  # returns identity.Contexts (has .client)
+
+
+@dataclass(slots=True, eq=False)  # compared and hashed by identity: a member of a set
+class Open:
+    """A relayed connection, for metrics and draining."""
+
+    direction: str
+    service: str
+    relay: Relay
+    stats: RelayStats
+
+
+class ConnectFailed(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Outbound:
+    def __init__(
+        self,
+        cfg: SidecarConfig,
+        *,
+        catalog: Callable[[], Catalog],
+        clusters: Clusters,
+        contexts: Contexts,
+        metrics: SidecarMetrics,
+        connections: set[Open],
+    ) -> None:
+        self.cfg = cfg
+        self.catalog = catalog
+        self.clusters = clusters
+        self.contexts = contexts
+        self.metrics = metrics
+        self.connections = connections
+        self.servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ---- listeners -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.cfg.mode.value == "transparent":
+            host, port = self.cfg.outbound
+            self.servers.append(
+                await loop.create_server(
+                    lambda: self._accepted(None), host, port, reuse_address=True
+                )
+            )
+        for up in self.cfg.upstreams:
+            self.servers.append(
+                await loop.create_server(
+                    lambda up=up: self._accepted(up), up.listen[0], up.listen[1], reuse_address=True
+                )
+            )
+
+    def bound(self) -> list[tuple[str, int]]:
+        return [s.sockets[0].getsockname()[:2] for s in self.servers if s.sockets]
+
+    async def stop(self) -> None:
+        for s in self.servers:
+            s.close()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _accepted(self, upstream: Upstream | None) -> PlainSide:
+        side = PlainSide()
+        loop = asyncio.get_running_loop()
+
+        def made() -> None:
+            task = loop.create_task(self._serve_guarded(side, upstream))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        loop.call_soon(made)
+        return side
+
+    # ---- one connection ----------------------------------------------------------------------
+
+    def _destination(
+        self, side: PlainSide, upstream: Upstream | None
+    ) -> tuple[Service | None, tuple[str, int] | None]:
+        catalog = self.catalog()
+        if upstream is not None:
+            svc = catalog.service(upstream.namespace, upstream.name)
+            return svc, None
+        sock = side.sock
+        if sock is None:
+            return None, None
+        dst = original_dst(sock)
+        return catalog.service_at(dst[0], dst[1]), dst
+
+    async def _serve_guarded(self, side: PlainSide, upstream: Upstream | None) -> None:
+        """A bug in one connection resets that connection, logged; it never leaves it hanging."""
+        try:
+            await self._serve(side, upstream)
+        except asyncio.CancelledError:
+            side.abort()
+            raise
+        except Exception:
+            log.exception("outbound connection failed")
+            side.abort()
+
+    async def _serve(self, side: PlainSide, upstream: Upstream | None) -> None:
+        if side.transport is None or side.transport.is_closing():
+            return
+        try:
+            service, dst = self._destination(side, upstream)
+        except Exception as e:  # a socket that vanished, or no original destination
+            log.info("outbound connection without a destination", extra={"error": str(e)})
+            side.abort()
+            return
+        if service is None:
+            await self._unknown(side, upstream, dst)
+            return
+        catalog = self.catalog()
+        cluster = self.clusters.cluster(service, catalog)
+        if not cluster.breaker.try_acquire(Kind.CONNECTIONS):
+            self.metrics.overflows.labels(service.key, "connections").inc()
+            side.abort()
+            return
+        try:
+            await self._connect_and_relay(side, cluster, service)
+        except BaseException:
+            cluster.breaker.release(Kind.CONNECTIONS)
+            raise
+
+    async def _connect_and_relay(self, side: PlainSide, cluster: Cluster, service: Service) -> None:
+        tried: set[str] = set()
+        for _ in range(self.cfg.connect_attempts):
+            choice = self.clusters.choose(cluster, exclude=tried)
+            if choice.panic:
+                self.metrics.panic.labels(service.key).inc()
+            endpoint = choice.endpoint
+            if endpoint is None:
+                break
+            tried.add(endpoint.id)
+            if not cluster.breaker.try_acquire(Kind.PENDING):
+                self.metrics.overflows.labels(service.key, "pending").inc()
+                break
+            self.clusters.starting(cluster, endpoint)
+            started = time.monotonic()
+            try:
+                leg = await self._open(endpoint, service)
+            except ConnectFailed as e:
+                self.metrics.connect_errors.labels(service.key, e.reason).inc()
+                if self.clusters.failed(cluster, endpoint):
+                    self.metrics.ejections.labels(service.key).inc()
+                    log.warning(
+                        "endpoint ejected",
+                        extra={"service": service.key, "endpoint": endpoint.id, "reason": e.reason},
+                    )
+                continue
+            finally:
+                cluster.breaker.release(Kind.PENDING)
+            self.clusters.connected(cluster, endpoint, time.monotonic() - started)
+            if side.transport is None or side.transport.is_closing():
+                leg.abort()
+                self.clusters.finished(cluster, endpoint)
+                cluster.breaker.release(Kind.CONNECTIONS)
+                return
+            self._relay(
+                side, leg, "outbound", service.key, functools.partial(self._done, cluster, endpoint)
+            )
+            return
+        self.metrics.no_endpoint.labels(service.key).inc()
+        side.abort()
+        cluster.breaker.release(Kind.CONNECTIONS)
+
+    def _done(self, cluster: Cluster, endpoint: Endpoint) -> None:
+        self.clusters.finished(cluster, endpoint)
+        cluster.breaker.release(Kind.CONNECTIONS)
+
+    async def _open(self, endpoint: Endpoint, service: Service) -> TlsLeg:
+        loop = asyncio.get_running_loop()
+        ctx = self.contexts().client  # type: ignore[attr-defined]
+        timeouts = service.policy.timeouts
+        try:
+            async with asyncio.timeout(timeouts.connect_s):
+                _, leg = await loop.create_connection(
+                    lambda: TlsLeg(ctx, server_side=False, handshake_timeout_s=timeouts.connect_s),
+                    endpoint.address,
+                    endpoint.inbound_port,
+                )
+                await leg.handshake
+        except TimeoutError:
+            raise ConnectFailed("timeout") from None
+        except TlsHandshakeError as e:
+            raise ConnectFailed(f"tls_{e.reason}") from None
+        except OSError as e:
+            raise ConnectFailed(
+                "refused" if isinstance(e, ConnectionRefusedError) else "connect_error"
+            ) from None
+        der = leg.peer_certificate()
+        try:
+            expect = Expectation.exactly(parse_spiffe_id(endpoint.identity))
+        except SpiffeIdError:
+            leg.abort()
+            raise ConnectFailed("bad_identity") from None
+        verdict = check_identity(x509.load_der_x509_certificate(der), expect) if der else None
+        if verdict is None or not verdict.ok:
+            leg.abort()
+            log.warning(
+                "peer identity refused",
+                extra={"endpoint": endpoint.id, "want": endpoint.identity, "verdict": str(verdict)},
+            )
+            raise ConnectFailed(f"identity_{verdict.reason.value if verdict else 'none'}")
+        return leg
+
+    def _relay(
+        self,
+        a: PlainSide | TlsLeg,
+        b: PlainSide | TlsLeg,
+        direction: str,
+        service: str,
+        finished: Callable[[], None],
+    ) -> None:
+        stats = RelayStats()
+        holder: list[Open] = []
+
+        def done(_: Relay) -> None:
+            self.connections.discard(holder[0])
+            self.metrics.connection_closed(
+                direction, service, stats.bytes_a_to_b, stats.bytes_b_to_a
+            )
+            finished()
+
+        relay = Relay(a, b, idle_timeout_s=self._idle(service), stats=stats, on_done=done)
+        holder.append(Open(direction, service, relay, stats))
+        self.connections.add(holder[0])
+        self.metrics.opened.labels(direction, service).inc()
+        relay.start()
+
+    def _idle(self, service_key: str) -> float:
+        cluster = self.clusters.by_service.get(service_key)
+        return cluster.service.policy.timeouts.idle_s if cluster else 300.0
+
+    async def _unknown(
+        self, side: PlainSide, upstream: Upstream | None, dst: tuple[str, int] | None
+    ) -> None:
+        if upstream is not None:
+            log.warning(
+                "upstream service is not in the mesh map", extra={"service": upstream.service_key}
+            )
+            self.metrics.no_endpoint.labels(upstream.service_key).inc()
+            side.abort()
+            return
+        own_ports = {port for _, port in self.bound()}
+        if (
+            dst is None
+            or self.cfg.unknown_destination is UnknownDestination.REJECT
+            or dst[1] in own_ports
+        ):
+            # Reject, or a connection made straight to our own listener (it would loop).
+            self.metrics.unknown_destination.labels("reject").inc()
+            side.abort()
+            return
+        self.metrics.unknown_destination.labels("pass").inc()
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(5.0):
+                sock = socket.socket(
+                    socket.AF_INET6 if ":" in dst[0] else socket.AF_INET, socket.SOCK_STREAM
+                )
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.cfg.proxy_mark)
+                sock.setblocking(False)
+                await loop.sock_connect(sock, dst)
+                _, peer = await loop.create_connection(PlainSide, sock=sock)
+        except (OSError, TimeoutError):
+            side.abort()
+            return
+        self._relay(side, peer, "outbound", "passthrough", lambda: None)
