@@ -508,6 +508,7 @@ def rotate_root(
             for reason in waiting:
                 click.echo(f"waiting       {reason}")
         return
+    assert step is not None  # exactly one of --step and --status, checked above
     chosen = cadir.Step(step)
     if mesh is not None and not force and (waiting := meshcheck.blockers(mesh, chosen)):
         raise ConflictError(

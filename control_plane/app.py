@@ -150,6 +150,7 @@ async def _start_identity(
 
 
 def _write_addresses(cfg: RunConfig, api_port: int, grpc: GrpcServer) -> None:
+    assert grpc.port is not None and grpc.mtls_port is not None, "gRPC is not listening"
     info = {
         "pid": os.getpid(),
         "api": format_hostport(cfg.api[0], api_port),

@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         _fail("aborted")
         sys.exit(1)
     except click.ClickException as e:
-        where = e.ctx.command_path if getattr(e, "ctx", None) else "meshlet"
+        ctx = getattr(e, "ctx", None)  # UsageError carries the command it was raised in
+        where = ctx.command_path if ctx is not None else "meshlet"
         _fail(f"{e.format_message()} (see `{where} --help`)")
         sys.exit(e.exit_code)
     code = result if isinstance(result, int) else 0

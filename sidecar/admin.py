@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ class AdminState:
     catalog: Callable[[], Catalog]
     certs: Callable[[], dict[str, Any] | None]  # None until the first certificate
     discovery: Callable[[], dict[str, Any]]  # connected, revision, has_snapshot
-    drain: Callable[[], Awaitable[None]]
+    drain: Callable[[], Coroutine[Any, Any, None]]
     quit: Callable[[], None]
     failing: bool = False
     draining: bool = False

@@ -19,6 +19,7 @@ from certs.verify import Expectation, check_identity
 from sidecar.authz import caller_allowed
 from sidecar.catalog import Catalog
 from sidecar.config import SidecarConfig
+from sidecar.identity import Contexts
 from sidecar.metrics import SidecarMetrics
 from sidecar.outbound import Open
 from sidecar.relay import PlainSide, Relay, RelayStats
@@ -35,7 +36,7 @@ class Inbound:
         *,
         trust_domain: str,
         catalog: Callable[[], Catalog],
-        contexts: Callable[[], object],
+        contexts: Callable[[], Contexts],
         metrics: SidecarMetrics,
         connections: set[Open],
     ) -> None:
@@ -72,7 +73,7 @@ class Inbound:
     def _accepted(self) -> TlsLeg:
         # The context is read per connection: a renewed certificate serves new callers
         # at once, while connections already open keep theirs.
-        ctx = self.contexts().server  # type: ignore[attr-defined]
+        ctx = self.contexts().server
         leg = TlsLeg(ctx, server_side=True, handshake_timeout_s=HANDSHAKE_TIMEOUT_S)
         task = asyncio.get_running_loop().create_task(self._serve_guarded(leg))
         self._tasks.add(task)

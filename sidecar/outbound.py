@@ -28,13 +28,13 @@ from sidecar.breaker import Kind
 from sidecar.catalog import Catalog
 from sidecar.clusters import Cluster, Clusters
 from sidecar.config import SidecarConfig, UnknownDestination, Upstream
+from sidecar.identity import Contexts
 from sidecar.metrics import SidecarMetrics
 from sidecar.origdst import original_dst
 from sidecar.relay import PlainSide, Relay, RelayStats
 from sidecar.tlsleg import TlsHandshakeError, TlsLeg
 
 log = logging.getLogger(__name__)
-Contexts = Callable[[], object]  # returns identity.Contexts (has .client)
 
 
 @dataclass(slots=True, eq=False)  # compared and hashed by identity: a member of a set
@@ -60,7 +60,7 @@ class Outbound:
         *,
         catalog: Callable[[], Catalog],
         clusters: Clusters,
-        contexts: Contexts,
+        contexts: Callable[[], Contexts],
         metrics: SidecarMetrics,
         connections: set[Open],
     ) -> None:
@@ -87,7 +87,10 @@ class Outbound:
         for up in self.cfg.upstreams:
             self.servers.append(
                 await loop.create_server(
-                    lambda up=up: self._accepted(up), up.listen[0], up.listen[1], reuse_address=True
+                    functools.partial(self._accepted, up),
+                    up.listen[0],
+                    up.listen[1],
+                    reuse_address=True,
                 )
             )
 
@@ -211,7 +214,7 @@ class Outbound:
 
     async def _open(self, endpoint: Endpoint, service: Service) -> TlsLeg:
         loop = asyncio.get_running_loop()
-        ctx = self.contexts().client  # type: ignore[attr-defined]
+        ctx = self.contexts().client
         timeouts = service.policy.timeouts
         try:
             async with asyncio.timeout(timeouts.connect_s):
