@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import resource
 import signal
 from pathlib import Path
 from typing import Any
@@ -91,8 +92,16 @@ async def _ensure_identity(identity: Identity, stop: asyncio.Event, rt: Runtime)
     return False
 
 
+def _raise_fd_limit() -> None:
+    """Each proxied connection holds two descriptors: allow as many as the system lets us."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def run(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> None:
     stop = stop or asyncio.Event()
+    _raise_fd_limit()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -74,7 +74,9 @@ class Inbound:
         # The context is read per connection: a renewed certificate serves new callers
         # at once, while connections already open keep theirs.
         ctx = self.contexts().server
-        leg = TlsLeg(ctx, server_side=True, handshake_timeout_s=HANDSHAKE_TIMEOUT_S)
+        leg = TlsLeg(
+            ctx, server_side=True, handshake_timeout_s=HANDSHAKE_TIMEOUT_S, hold_until_accept=True
+        )
         task = asyncio.get_running_loop().create_task(self._serve_guarded(leg))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -86,7 +88,7 @@ class Inbound:
             "inbound connection refused",
             extra={"reason": reason, "detail": detail, "peer": str(leg.peername)},
         )
-        leg.abort()
+        leg.refuse()  # close_notify in place of the session ticket: the caller counts a refusal
 
     async def _serve_guarded(self, leg: TlsLeg) -> None:
         try:
@@ -133,8 +135,9 @@ class Inbound:
                 "the app does not accept connections",
                 extra={"port": self.cfg.app_port, "error": str(e)},
             )
-            leg.abort()
+            leg.refuse()  # the caller tries another endpoint and counts this one's failure
             return
+        leg.accept()
         stats = RelayStats()
         holder: list[Open] = []
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import logging
 import socket
 import time
@@ -276,6 +277,20 @@ class Outbound:
         cluster = self.clusters.by_service.get(service_key)
         return cluster.service.policy.timeouts.idle_s if cluster else 300.0
 
+    def _loops_back(self, dst: tuple[str, int]) -> bool:
+        bound = self.bound()
+        if dst[1] not in {port for _, port in bound}:
+            return False
+        try:
+            loopback = ipaddress.ip_address(dst[0]).is_loopback
+        except ValueError:
+            return False
+        return (
+            loopback
+            or dst[0] == self.cfg.address
+            or any(host in (dst[0], "0.0.0.0", "::") for host, _ in bound)
+        )
+
     async def _unknown(
         self, side: PlainSide, upstream: Upstream | None, dst: tuple[str, int] | None
     ) -> None:
@@ -286,14 +301,22 @@ class Outbound:
             self.metrics.no_endpoint.labels(upstream.service_key).inc()
             side.abort()
             return
-        own_ports = {port for _, port in self.bound()}
-        if (
-            dst is None
-            or self.cfg.unknown_destination is UnknownDestination.REJECT
-            or dst[1] in own_ports
-        ):
-            # Reject, or a connection made straight to our own listener (it would loop).
+        if dst is None or self.cfg.unknown_destination is UnknownDestination.REJECT:
             self.metrics.unknown_destination.labels("reject").inc()
+            side.abort()
+            return
+        if self._loops_back(dst):  # dialled our own listener directly: passing it on would loop
+            self.metrics.unknown_destination.labels("loop").inc()
+            side.abort()
+            return
+        if any(vip == dst[0] for vip, _ in self.catalog().by_vip):
+            # A VIP on a port its service does not declare: nobody else owns the address,
+            # so say so now instead of letting the app wait out a connect timeout.
+            log.info(
+                "connection to an undeclared port of a VIP",
+                extra={"destination": f"{dst[0]}:{dst[1]}"},
+            )
+            self.metrics.unknown_destination.labels("undeclared_port").inc()
             side.abort()
             return
         self.metrics.unknown_destination.labels("pass").inc()

@@ -17,6 +17,7 @@ is acceptable (the caller reads ``peer_certificate()``), or build SSLContexts
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import threading
 import typing
@@ -70,6 +71,7 @@ class TlsLeg(TransportSide):
         server_side: bool,
         handshake_timeout_s: float = 5.0,
         server_hostname: str | None = None,
+        hold_until_accept: bool = False,
     ) -> None:
         super().__init__()
         self._ctx = context
@@ -86,6 +88,12 @@ class TlsLeg(TransportSide):
         self._sniffed = False
         self._eof_out = False  # we sent our close_notify (``_eof_in``: the peer's came)
         self._tcp_eof = False
+        # Server side with hold_until_accept: what the handshake wrote after it completed
+        # (the session ticket) is held until the caller decides: ``accept()`` sends it,
+        # ``refuse()`` replaces it with close_notify, so a client sidecar learns of a
+        # refusal before it reports success.
+        self._hold = server_side and hold_until_accept
+        self._held = False  # True between a held handshake's end and accept()/refuse()
         self.handshake: asyncio.Future[None] = self.closed.get_loop().create_future()
 
     # -- what the caller reads after the handshake ---------------------------------------
@@ -238,12 +246,16 @@ class TlsLeg(TransportSide):
             self._flush()  # the alert tells the peer why
             self._fail_ssl(e)
             return
-        self._flush()
         if self._server_side:
+            if self._hold:
+                self._held = True  # the ticket stays in the outgoing BIO until accept()
+            else:
+                self._flush()
             self._opened()
             if self._incoming.pending:  # the client's first data came with its Finished
                 self._read_records()
         else:
+            self._flush()
             self._state = _CONFIRM
 
     def _confirm(self, data: bytes) -> None:
@@ -362,7 +374,10 @@ class TlsLeg(TransportSide):
             return
         self._eof_in = True
         if self._state == _CONFIRM:  # closed before the server said anything: refused
-            self._fail("eof", "the server closed the connection right after the handshake")
+            self._fail(
+                "refused",
+                "the server refused this connection after the handshake (identity or policy)",
+            )
             return
         if self._peer is not None:
             self._peer.on_eof(self)
@@ -375,7 +390,29 @@ class TlsLeg(TransportSide):
             self.error = ConnectionResetError(f"TLS error with {self.peername}: {e}")
         self.abort()
 
+    def accept(self) -> None:
+        """Server: the caller passed every check; let it see the handshake complete."""
+        self._held = False
+        self._flush()
+
+    def refuse(self) -> None:
+        """Server: turn the caller away cleanly, so a client sidecar counts a refusal rather
+        than a success. The held ticket cannot be dropped (its records advanced the
+        sequence numbers), so ticket and close_notify leave in one write: the client reads
+        both in one go and sees the close_notify before it would confirm the handshake."""
+        self._held = False
+        if self._state == _OPEN and not self._eof_out and not self._lost:
+            self._eof_out = True
+            # SSLWantReadError: the peer's close_notify has not come (and will not).
+            with contextlib.suppress(ssl.SSLError):
+                self._ssl.unwrap()  # type: ignore[union-attr]
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+
     def _flush(self) -> None:
+        if self._held:
+            return
         data = self._outgoing.read()
         if data and self.transport is not None:
             try:  # noqa: SIM105 -- hot path: try is free, contextlib.suppress is not

@@ -400,3 +400,30 @@ def test_eof_without_close_notify_is_a_reset_not_an_eof(certs: Pki) -> None:
         server.close()
 
     run(scenario)
+
+
+def test_a_held_server_handshake_completes_only_when_accepted_or_is_refused(certs: Pki) -> None:
+    """The inbound decides after the handshake (identity, policy, app reachable): the
+    client must see that decision, a refusal as a failed handshake, not a success."""
+
+    async def scenario() -> None:
+        server, port, legs = await serve(certs.server(), hold_until_accept=True)
+        refused = await connect(certs.client(), port)
+        while not legs:
+            await asyncio.sleep(0.01)
+        await legs[0].handshake
+        await asyncio.sleep(0.2)
+        assert not refused.handshake.done()  # nothing confirms it until the server decides
+        legs[0].refuse()
+        assert (await failure(refused.handshake)).reason == "refused"
+        accepted = await connect(certs.client(), port)
+        while len(legs) < 2:
+            await asyncio.sleep(0.01)
+        await legs[1].handshake
+        legs[1].accept()
+        await accepted.handshake
+        assert accepted.version() == "TLSv1.3"
+        accepted.close()
+        server.close()
+
+    run(scenario)
