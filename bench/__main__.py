@@ -16,6 +16,7 @@ SUITES = {
     "control-plane": "bench.control_plane_suite",
     "sidecar-cores": "bench.sidecar_cores_suite",
     "relay": "bench.relay_suite",
+    "sidecar": "bench.sidecar_suite",
 }
 
 

@@ -114,7 +114,11 @@ class ControlPlaneProcess:
                 raise RuntimeError("the control plane did not start")
             time.sleep(0.05)
         data = json.loads(info.read_text())
-        self.api, self.grpc = f"http://{data['api']}", data["grpc"]
+        self.api, self.grpc, self.grpc_mtls = (
+            f"http://{data['api']}",
+            data["grpc"],
+            data["grpc_mtls"],
+        )
         self.token = (self.data_dir / "admin-token").read_text().strip()
         self.bundle = (self.data_dir / "ca" / "bundle.pem").read_bytes()
         return self

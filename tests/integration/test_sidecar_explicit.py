@@ -4,6 +4,7 @@ processes with mutual TLS between them, and echo apps behind them."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import os
 import signal
@@ -226,5 +227,76 @@ def test_sigterm_drains_then_deregisters(tmp_path: Path) -> None:
             e["id"] for e in mesh.cp.call("GET", "/v1/services/shop/orders/endpoints").data["items"]
         ]
         assert "orders-2" not in ids and len(ids) == 2
+    finally:
+        stop_mesh(mesh)
+
+
+def test_the_circuit_breaker_resets_connections_beyond_the_limit_at_once(mesh: Mesh) -> None:
+    policy = {"balancing": {"algorithm": "round_robin"}, "circuit_breaker": {"max_connections": 2}}
+    mesh.cp.call("PUT", "/v1/services/shop/orders", {"ports": [{"port": 8080}], "policy": policy})
+    wait_for(
+        lambda: (
+            mesh.web.json("/clusters")["clusters"][0]["circuit_breaker"]["connections"]["limit"]
+            == 2
+        ),
+        "the new limit reaches the web sidecar",
+    )
+    held = [socket.create_connection(("127.0.0.1", mesh.local), timeout=5) for _ in range(2)]
+    try:
+        for s in held:
+            assert s.makefile("rb").readline().startswith(b"hello from orders-")
+        before = metric(
+            mesh.web.metrics(),
+            "meshlet_breaker_overflow_total",
+            service="shop/orders",
+            kind="connections",
+        )
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", mesh.local), timeout=5) as third:
+            try:
+                data = third.recv(100)
+            except ConnectionResetError:
+                data = b""
+        assert data == b"" and time.monotonic() - started < 2.0  # closed at once, no greeting
+        after = metric(
+            mesh.web.metrics(),
+            "meshlet_breaker_overflow_total",
+            service="shop/orders",
+            kind="connections",
+        )
+        assert after == before + 1
+    finally:
+        for s in held:
+            s.close()
+        mesh.cp.call(
+            "PUT",
+            "/v1/services/shop/orders",
+            {"ports": [{"port": 8080}], "policy": {"balancing": {"algorithm": "round_robin"}}},
+        )
+    wait_for(
+        lambda: exchange(mesh.local)[1] == b"ping\n", "connections flow again under the old limit"
+    )
+
+
+def test_when_every_endpoint_is_ejected_the_balancer_panics_and_says_so(tmp_path: Path) -> None:
+    mesh = start_mesh(tmp_path)
+    try:
+        policy = {
+            "balancing": {"algorithm": "round_robin"},
+            "outlier_detection": {"max_ejection_percent": 100, "consecutive_failures": 2},
+        }
+        mesh.cp.call(
+            "PUT", "/v1/services/shop/orders", {"ports": [{"port": 8080}], "policy": policy}
+        )
+        time.sleep(1.0)  # let the policy reach the web sidecar
+        for sc in mesh.orders.values():
+            sc.kill()
+        for _ in range(12):
+            with contextlib.suppress(OSError):
+                exchange(mesh.local, timeout=3)
+        text = mesh.web.metrics()
+        assert metric(text, "meshlet_outlier_ejections_total", service="shop/orders") >= 3
+        assert metric(text, "meshlet_lb_panic_total", service="shop/orders") >= 1
+        assert metric(text, "meshlet_no_healthy_endpoint_total", service="shop/orders") >= 1
     finally:
         stop_mesh(mesh)
