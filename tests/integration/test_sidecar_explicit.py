@@ -252,11 +252,11 @@ def test_the_circuit_breaker_resets_connections_beyond_the_limit_at_once(mesh: M
             kind="connections",
         )
         started = time.monotonic()
-        with socket.create_connection(("127.0.0.1", mesh.local), timeout=5) as third:
-            try:
+        try:  # the reset can come so fast that connect() itself reports it
+            with socket.create_connection(("127.0.0.1", mesh.local), timeout=5) as third:
                 data = third.recv(100)
-            except ConnectionResetError:
-                data = b""
+        except ConnectionResetError:
+            data = b""
         assert data == b"" and time.monotonic() - started < 2.0  # closed at once, no greeting
         after = metric(
             mesh.web.metrics(),
