@@ -15,6 +15,7 @@ import orjson
 from aiohttp import web
 
 from meshlet import wire
+from sidecar.breaker import Breaker
 from sidecar.catalog import Catalog
 from sidecar.clusters import Clusters
 from sidecar.config import SidecarConfig
@@ -112,14 +113,12 @@ async def clusters(request: web.Request) -> web.Response:
                     "consecutive_failures": state.consecutive_failures if state else 0,
                 }
             )
-        breaker = (
-            {
-                s.kind.value: {"in_use": s.in_use, "limit": s.limit, "overflows": s.overflows}
-                for s in cluster.breaker.stats()
-            }
-            if cluster
-            else {}
-        )
+        # A service nobody has called yet has no runtime state: show its policy's limits.
+        stats = (cluster.breaker if cluster else Breaker(svc.policy.circuit_breaker)).stats()
+        breaker = {
+            s.kind.value: {"in_use": s.in_use, "limit": s.limit, "overflows": s.overflows}
+            for s in stats
+        }
         out.append(
             {
                 "service": key,
