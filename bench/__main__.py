@@ -17,6 +17,7 @@ SUITES = {
     "sidecar-cores": "bench.sidecar_cores_suite",
     "relay": "bench.relay_suite",
     "sidecar": "bench.sidecar_suite",
+    "http1": "bench.http1_suite",
 }
 
 
