@@ -167,9 +167,9 @@ async def _fanout(cp: ControlPlaneProcess, watchers: int, registrations: int) ->
                             done[ev.key].set()
 
     per_channel = 100
-    channels = [
-        channel(cp.grpc, cp.bundle) for _ in range((watchers + per_channel - 1) // per_channel)
-    ]
+    token = (cp.data_dir / "join-token").read_text().strip()
+    count = (watchers + per_channel - 1) // per_channel
+    channels = [channel(cp.grpc, cp.bundle, join_token=token) for _ in range(count)]
     tasks = [
         asyncio.create_task(watcher(DiscoveryStub(channels[i // per_channel]), i))
         for i in range(watchers)

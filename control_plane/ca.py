@@ -241,6 +241,24 @@ class Authority:
 
     # ---- signing ---------------------------------------------------------------------------
 
+    @property
+    def join_token(self) -> str:
+        return self._token
+
+    def authenticate(
+        self, *, join_token: str = "", peer_chain: Sequence[x509.Certificate] = ()
+    ) -> None:
+        """Raise AuthenticationError unless the caller holds the join token or a current SVID."""
+        state = self.state
+        rules.authenticate(
+            join_token=join_token,
+            expected_token=self._token,
+            peer_chain=peer_chain,
+            roots=state.bundle,
+            trust_domain=state.trust_domain,
+            now=self._clock.now(),
+        )
+
     def sign(
         self,
         *,

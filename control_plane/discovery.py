@@ -47,6 +47,7 @@ from control_plane.health import HealthTracker
 from control_plane.registration_rpc import SERVICE_NAME as REGISTRATION_SERVICE
 from control_plane.registration_rpc import RegistrationServicer
 from control_plane.store.base import CompactedError
+from meshlet.discovery_client import JOIN_TOKEN_METADATA
 from meshlet.errors import ConflictError, InputError, MeshError
 from meshlet.model import Event
 from meshlet.proto import mesh_pb2, mesh_pb2_grpc
@@ -80,9 +81,27 @@ class DiscoveryServicer(mesh_pb2_grpc.DiscoveryServicer):
         for wake in self._wakers:
             wake.set()
 
+    async def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """The mesh map is not public: the join token (metadata) or a current SVID (mTLS)."""
+        metadata = {m.key: m.value for m in (context.invocation_metadata() or ())}
+        token = metadata.get(JOIN_TOKEN_METADATA, "")
+        try:
+            self._authority.authenticate(
+                join_token=token if isinstance(token, str) else "",
+                peer_chain=peer_chain(context.auth_context()),
+            )
+        except ca_rules.AuthenticationError as e:
+            await _abort(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"{e}: watching the mesh needs the join token (metadata {JOIN_TOKEN_METADATA}) "
+                "or an SVID on the mutual-TLS port",
+            )
+
     async def Report(
         self, request: mesh_pb2.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> mesh_pb2.ReportResponse:
+        await self._authenticate(context)
         try:
             status = client_status(request)
         except InputError as e:
@@ -93,6 +112,7 @@ class DiscoveryServicer(mesh_pb2_grpc.DiscoveryServicer):
     async def Watch(
         self, request: mesh_pb2.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[mesh_pb2.WatchResponse]:
+        await self._authenticate(context)
         try:
             status = client_status(request)
             if request.since_revision < 0:

@@ -176,17 +176,35 @@ def apply_update(current: Snapshot | None, update: Update) -> Snapshot:
 # ---- calls ------------------------------------------------------------------------------------
 
 
+JOIN_TOKEN_METADATA = "x-meshlet-join-token"
+
+
+class _JoinToken(grpc.AuthMetadataPlugin):  # type: ignore[misc]  # grpc ships no stubs
+    """Sends the join token with every call: the credential for watching without an SVID."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = ((JOIN_TOKEN_METADATA, token),)
+
+    def __call__(
+        self, context: grpc.AuthMetadataContext, callback: grpc.AuthMetadataPluginCallback
+    ) -> None:
+        callback(self._metadata, None)
+
+
 def channel(
     address: str,
     bundle_pem: bytes,
     client_cert_pem: bytes | None = None,
     client_key_pem: bytes | None = None,
     *,
+    join_token: str | None = None,
     options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.aio.Channel:
     """A TLS channel that trusts only ``bundle_pem``; with a cert and key, an mTLS one.
 
-    Create it inside the running event loop; close it (``async with`` or ``close()``).
+    Watching the mesh needs a credential: the SVID on the mTLS port, or ``join_token``
+    (sent with every call) on the TLS port. Create the channel inside the running event
+    loop; close it (``async with`` or ``close()``).
     """
     if not bundle_pem:
         raise InputError("the trust bundle is empty: the control plane cannot be verified")
@@ -197,6 +215,10 @@ def channel(
         private_key=client_key_pem,
         certificate_chain=client_cert_pem,
     )
+    if join_token:
+        credentials = grpc.composite_channel_credentials(
+            credentials, grpc.metadata_call_credentials(_JoinToken(join_token))
+        )
     return grpc.aio.secure_channel(
         address, credentials, options=[("grpc.ssl_target_name_override", SERVER_NAME), *options]
     )

@@ -49,7 +49,11 @@ class Mesh:
         return (self.data / "join-token").read_text().strip()
 
     def channel(self) -> grpc.aio.Channel:
-        return dc.channel(f"127.0.0.1:{self.server.port}", self.authority.bundle_pem)
+        return dc.channel(
+            f"127.0.0.1:{self.server.port}",
+            self.authority.bundle_pem,
+            join_token=self.authority.join_token,
+        )
 
     def mtls_channel(self, chain_pem: bytes, key: pki.PrivateKey) -> grpc.aio.Channel:
         return dc.channel(

@@ -52,7 +52,11 @@ class Mesh:
         return f"127.0.0.1:{self.server.port}"
 
     def channel(self, bundle_pem: bytes | None = None) -> grpc.aio.Channel:
-        return dc.channel(self.address, bundle_pem or self.authority.bundle_pem)
+        return dc.channel(
+            self.address,
+            bundle_pem or self.authority.bundle_pem,
+            join_token=self.authority.join_token,
+        )
 
 
 async def start_server(mesh: Mesh, bookmark_s: float) -> GrpcServer:
@@ -238,7 +242,11 @@ async def test_bookmarks_keep_an_idle_stream_alive(mesh: Mesh) -> None:
     await mesh.cp.execute(put_service("web"))
     server = await start_server(mesh, bookmark_s=0.2)
     try:
-        async with dc.channel(f"127.0.0.1:{server.port}", mesh.authority.bundle_pem) as ch:
+        async with dc.channel(
+            f"127.0.0.1:{server.port}",
+            mesh.authority.bundle_pem,
+            join_token=mesh.authority.join_token,
+        ) as ch:
             updates = dc.watch(dc.DiscoveryStub(ch), request(), idle_timeout_s=2.0)
             assert isinstance(await next_update(updates), dc.Reset)
             loop = asyncio.get_running_loop()
@@ -302,7 +310,9 @@ async def test_invalid_watch_request_is_invalid_argument(mesh: Mesh) -> None:
 
 async def test_stopping_the_server_ends_watches_with_unavailable(mesh: Mesh) -> None:
     server = await start_server(mesh, bookmark_s=30.0)
-    async with dc.channel(f"127.0.0.1:{server.port}", mesh.authority.bundle_pem) as ch:
+    async with dc.channel(
+        f"127.0.0.1:{server.port}", mesh.authority.bundle_pem, join_token=mesh.authority.join_token
+    ) as ch:
         updates = dc.watch(dc.DiscoveryStub(ch), request())
         assert isinstance(await next_update(updates), dc.Reset)
         async with asyncio.timeout(WAIT_S):
@@ -436,3 +446,12 @@ async def test_report_lists_each_watching_client_and_its_bundle(mesh: Mesh) -> N
             break
         await asyncio.sleep(0.05)
     assert connected() == {"node-a": False, "web-1": False}  # remembered after they left
+
+
+async def test_watching_without_a_credential_is_unauthenticated(mesh: Mesh) -> None:
+    for token in (None, "not-the-join-token"):
+        async with dc.channel(mesh.address, mesh.authority.bundle_pem, join_token=token) as ch:
+            with pytest.raises(dc.ControlPlaneError) as info:
+                await anext(dc.watch(dc.DiscoveryStub(ch), request()))
+            assert info.value.code == "UNAUTHENTICATED"
+            assert "join token" in str(info.value)

@@ -107,7 +107,9 @@ async def test_root_rotation_waits_for_the_mesh_at_each_step(
 ) -> None:
     cp = control_plane
     w = Workload(cp)
-    channel = dc.channel(cp.info["grpc"], w.bundle)
+    channel = dc.channel(
+        cp.info["grpc"], w.bundle, join_token=(cp.data_dir / "join-token").read_text().strip()
+    )
     try:
         await w.renew(channel)
         watcher = asyncio.create_task(w.watch(channel))
