@@ -14,26 +14,27 @@ from enum import StrEnum
 
 _FORBID = {"extra": "forbid"}
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_GRPC_CODES = frozenset(
-    [
-        "cancelled",
-        "unknown",
-        "invalid-argument",
-        "deadline-exceeded",
-        "not-found",
-        "already-exists",
-        "permission-denied",
-        "resource-exhausted",
-        "failed-precondition",
-        "aborted",
-        "out-of-range",
-        "unimplemented",
-        "internal",
-        "unavailable",
-        "data-loss",
-        "unauthenticated",
-    ]
+# gRPC status names, indexed by their code (0 = ok ... 16 = unauthenticated).
+GRPC_STATUS_NAMES = (
+    "ok",
+    "cancelled",
+    "unknown",
+    "invalid-argument",
+    "deadline-exceeded",
+    "not-found",
+    "already-exists",
+    "permission-denied",
+    "resource-exhausted",
+    "failed-precondition",
+    "aborted",
+    "out-of-range",
+    "unimplemented",
+    "internal",
+    "unavailable",
+    "data-loss",
+    "unauthenticated",
 )
+_GRPC_CODES = frozenset(GRPC_STATUS_NAMES[1:])
 
 
 class LbAlgorithm(StrEnum):

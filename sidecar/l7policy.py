@@ -59,7 +59,7 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
-from meshlet.policy import RetryPolicy
+from meshlet.policy import GRPC_STATUS_NAMES, RetryPolicy
 from meshlet.runtime import Clock
 from sidecar import backoff
 from sidecar.retry_budget import RetryBudget
@@ -69,25 +69,7 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 
 GRPC_DEADLINE_EXCEEDED = 4  # what a timed-out gRPC call answers (grpc-status)
 GRPC_UNAVAILABLE = 14
-_GRPC_NAMES = (
-    "ok",
-    "cancelled",
-    "unknown",
-    "invalid-argument",
-    "deadline-exceeded",
-    "not-found",
-    "already-exists",
-    "permission-denied",
-    "resource-exhausted",
-    "failed-precondition",
-    "aborted",
-    "out-of-range",
-    "unimplemented",
-    "internal",
-    "unavailable",
-    "data-loss",
-    "unauthenticated",
-)
+_GRPC_NAMES = GRPC_STATUS_NAMES
 
 
 def is_idempotent(method: str) -> bool:
