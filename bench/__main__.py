@@ -18,6 +18,7 @@ SUITES = {
     "relay": "bench.relay_suite",
     "sidecar": "bench.sidecar_suite",
     "http1": "bench.http1_suite",
+    "h2": "bench.h2_suite",
 }
 
 
