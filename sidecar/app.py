@@ -26,6 +26,7 @@ from certs.spiffe import SpiffeId
 from meshlet.errors import InputError, MeshError
 from meshlet.model import Endpoint
 from meshlet.runtime import Runtime
+from sidecar.accesslog_sink import AccessLogSink
 from sidecar.admin import AdminState, make_admin
 from sidecar.backoff import delay
 from sidecar.clusters import Clusters
@@ -33,6 +34,8 @@ from sidecar.config import SidecarConfig
 from sidecar.discovery import Discovery
 from sidecar.identity import Identity
 from sidecar.inbound import Inbound
+from sidecar.l7_inbound import L7Inbound
+from sidecar.l7_outbound import L7Outbound
 from sidecar.metrics import SidecarMetrics
 from sidecar.outbound import Open, Outbound
 from sidecar.registration import Registrar
@@ -141,6 +144,28 @@ async def run(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> None:
             for c in connections
         ]
     )
+    try:
+        access_log = AccessLogSink(cfg.access_log)
+    except OSError as e:
+        raise InputError(f"--access-log {cfg.access_log}: {e.strerror}") from None
+    l7_outbound = L7Outbound(
+        catalog=lambda: discovery.catalog,
+        clusters=clusters,
+        contexts=lambda: identity.contexts,
+        metrics=metrics,
+        runtime=rt,
+        access_log=access_log,
+        header_timeout_s=cfg.http_header_timeout_s,
+    )
+    l7_inbound = L7Inbound(
+        cfg,
+        catalog=lambda: discovery.catalog,
+        metrics=metrics,
+        runtime=rt,
+        access_log=access_log,
+        identity=str(identity.spiffe_id),
+        header_timeout_s=cfg.http_header_timeout_s,
+    )
     outbound = Outbound(
         cfg,
         catalog=lambda: discovery.catalog,
@@ -148,6 +173,7 @@ async def run(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> None:
         contexts=lambda: identity.contexts,
         metrics=metrics,
         connections=connections,
+        l7=l7_outbound.serve,
     )
     inbound = Inbound(
         cfg,
@@ -156,6 +182,7 @@ async def run(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> None:
         contexts=lambda: identity.contexts,
         metrics=metrics,
         connections=connections,
+        l7=l7_inbound.serve,
     )
     await inbound.start()
     await outbound.start()
@@ -184,7 +211,10 @@ async def run(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> None:
         log.info("draining", extra={"open": len(connections), "timeout_s": cfg.drain_timeout_s})
         await registrar.drain()
         inbound.stop_accepting()
-        open_inbound = [c.relay.done for c in connections if c.direction == "inbound"]
+        open_inbound: list[asyncio.Future[None]] = [
+            c.relay.done for c in connections if c.direction == "inbound"
+        ]
+        open_inbound += l7_inbound.drain()
         if open_inbound:
             await asyncio.wait(open_inbound, timeout=cfg.drain_timeout_s)
 
@@ -246,6 +276,9 @@ async def run(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> None:
         await inbound.stop()
         for c in list(connections):
             c.relay.abort()
+        l7_outbound.close()
+        l7_inbound.close()
+        access_log.close()
         if dns_server is not None:
             await dns_server.stop()
         await runner.cleanup()

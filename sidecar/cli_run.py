@@ -103,6 +103,19 @@ def _labels(values: tuple[str, ...]) -> dict[str, str]:
     help="Ask for certificates of this lifetime (default: the CA's, 24h).",
 )
 @click.option(
+    "--access-log",
+    default="-",
+    show_default=True,
+    metavar="-|off|PATH",
+    help="L7 access log, one JSON line per request: stdout (-), off, or a file.",
+)
+@click.option(
+    "--http-header-timeout",
+    default="10s",
+    show_default=True,
+    help="HTTP/1.1: a request head must arrive within this, or the connection closes.",
+)
+@click.option(
     "--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"])
 )
 def run(
@@ -127,6 +140,8 @@ def run(
     unknown_destination: str,
     drain_timeout: str,
     cert_ttl: str | None,
+    access_log: str,
+    http_header_timeout: str,
     log_level: str,
 ) -> None:
     """Run the sidecar until SIGTERM (then drain and exit)."""
@@ -173,6 +188,8 @@ def run(
         unknown_destination=UnknownDestination(unknown_destination),
         drain_timeout_s=parse_duration(drain_timeout, what="--drain-timeout"),
         cert_ttl_s=int(parse_duration(cert_ttl, what="--cert-ttl")) if cert_ttl else None,
+        access_log=access_log,
+        http_header_timeout_s=parse_duration(http_header_timeout, what="--http-header-timeout"),
     )
     logs.setup(log_level)
     uvloop.run(run_app(cfg))

@@ -9,7 +9,7 @@ from the control plane are applied in place, so in-flight counts survive them.
 from __future__ import annotations
 
 import random
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from meshlet.model import Endpoint, Service
@@ -86,12 +86,21 @@ class Clusters:
         if keys != cluster.keys:
             cluster.keys = keys
 
-    def choose(self, cluster: Cluster, exclude: Collection[str] = ()) -> Choice:
-        """An endpoint to try, skipping ``exclude`` (the ones that just failed)."""
-        selection = cluster.outlier.available(cluster.keys)
+    def choose(
+        self,
+        cluster: Cluster,
+        exclude: Collection[str] = (),
+        *,
+        among: Sequence[str] | None = None,
+        hash_key: bytes | None = None,
+    ) -> Choice:
+        """An endpoint to try, skipping ``exclude`` (the ones that just failed); L7
+        passes ``among``, the keys of the route's backend subset (the same tuple each
+        time for the same subset), and the ``hash_key`` for ring-hash balancing."""
+        selection = cluster.outlier.available(cluster.keys if among is None else among)
         if selection.panic:
             cluster.panics += 1
-        key = cluster.balancer.pick(selection.keys, exclude=exclude)
+        key = cluster.balancer.pick(selection.keys, exclude=exclude, hash_key=hash_key)
         return Choice(cluster.endpoints.get(key) if key else None, selection.panic)
 
     def starting(self, cluster: Cluster, endpoint: Endpoint) -> None:
@@ -108,6 +117,18 @@ class Clusters:
         """The connect or handshake failed; True when this ejected the endpoint."""
         cluster.balancer.on_finish(endpoint.id, None, False)
         ejection = cluster.outlier.record(endpoint.id, False)
+        if ejection is not None:
+            cluster.ejections += 1
+        return ejection is not None
+
+    def answered(
+        self, cluster: Cluster, endpoint: Endpoint, latency_s: float | None, ok: bool
+    ) -> bool:
+        """An L7 try that ``starting`` reported has its answer (``ok``: not a 5xx, reset
+        or connect failure; ``latency_s`` to the response head). True when this ejected
+        the endpoint."""
+        cluster.balancer.on_finish(endpoint.id, latency_s, ok)
+        ejection = cluster.outlier.record(endpoint.id, ok)
         if ejection is not None:
             cluster.ejections += 1
         return ejection is not None

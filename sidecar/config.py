@@ -91,6 +91,8 @@ class SidecarConfig:
     cert_ttl_s: int | None = None
     proxy_mark: int = 0x539
     state_dir: Path | None = None
+    access_log: str = "-"  # L7 access log: "-" stdout, "off", or a file path
+    http_header_timeout_s: float = 10.0  # a request head must arrive within this
 
     def __post_init__(self) -> None:
         for value, what in ((self.namespace, "namespace"), (self.service, "service name")):
@@ -108,6 +110,8 @@ class SidecarConfig:
             raise InputError(f"--label: {e}") from None
         if not 1 <= self.connect_attempts <= 10:
             raise InputError("--connect-attempts must be 1-10")
+        if not self.http_header_timeout_s > 0:
+            raise InputError("--http-header-timeout must be greater than 0")
 
     @property
     def spiffe_path(self) -> str:

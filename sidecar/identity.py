@@ -6,8 +6,13 @@ restarts and renewals; only a CSR ever leaves the process. The first certificate
 valid cert.pem already in the directory or one signed with the join token over TLS;
 renewals go to the control plane's mTLS port, presenting the current SVID, at 2/3 of the
 lifetime with jitter (``certs.schedule``), falling back to the join token if they fail.
-A new leaf or a pushed trust bundle builds one new pair of SSLContexts: connections
+A new leaf or a pushed trust bundle builds one new set of SSLContexts: connections
 opened from then on use it, open connections keep the one they started with.
+
+ALPN between sidecars says what a connection carries: the server context offers
+``MESH_ALPN``; ``client`` offers nothing (the L4 relay, which the inbound side relays
+byte for byte), and ``client_alpn[p]`` offers ``p`` alone (an L7 leg, parsed on the
+inbound side). A client offering none of the server's protocols gets no ALPN: L4.
 
 This module never sends the key anywhere, never builds a context per connection, never
 writes a file in place (``certs.files.write_files``), and ``run()`` never raises: a
@@ -22,8 +27,8 @@ import logging
 import os
 import random
 import ssl
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -45,17 +50,21 @@ log = logging.getLogger(__name__)
 KEY, CERT, BUNDLE = "key.pem", "cert.pem", "bundle.pem"
 MAX_SLEEP_S = 30.0  # re-read the wall clock at least this often (host suspend, clock steps)
 RETRY_CAP_S = 60.0
+ALPN_HTTP1 = "http/1.1"
+# The application protocols the mTLS leg between sidecars may carry (besides none: L4).
+MESH_ALPN: tuple[str, ...] = (ALPN_HTTP1,)
 
 
 @dataclass(frozen=True, slots=True)
 class Contexts:
     """The TLS contexts for new connections, and what they hold."""
 
-    server: ssl.SSLContext
-    client: ssl.SSLContext
+    server: ssl.SSLContext  # offers MESH_ALPN
+    client: ssl.SSLContext  # offers no ALPN: the L4 relay
     serial: str  # the leaf's serial, lowercase hex
     not_after: dt.datetime
     bundle_fingerprint: str
+    client_alpn: Mapping[str, ssl.SSLContext] = field(default_factory=dict)  # one per protocol
 
 
 Listener = Callable[[Contexts], None]
@@ -86,7 +95,7 @@ class Identity:
         ttl_s: int | None = None,
         clock: Clock,
         rng: random.Random,
-        alpn: Sequence[str] = (),
+        alpn: Sequence[str] = MESH_ALPN,
     ) -> None:
         self.cert_dir = Path(cert_dir)
         self._sid = spiffe_id
@@ -387,7 +396,11 @@ class Identity:
         cert_path, key_path = self.cert_dir / CERT, self.cert_dir / KEY
         try:
             server = tls.server_context(cert_path, key_path, bundle_pem, alpn=self._alpn)
-            client = tls.client_context(cert_path, key_path, bundle_pem, alpn=self._alpn)
+            client = tls.client_context(cert_path, key_path, bundle_pem)
+            client_alpn = {
+                p: tls.client_context(cert_path, key_path, bundle_pem, alpn=(p,))
+                for p in self._alpn
+            }
         except (ssl.SSLError, ValueError) as e:
             raise CertificateError(f"cannot build TLS contexts from {cert_path}: {e}") from None
         contexts = Contexts(
@@ -396,6 +409,7 @@ class Identity:
             serial=format(leaf.serial_number, "x"),
             not_after=leaf.not_valid_after_utc,
             bundle_fingerprint=bundle_fingerprint(bundle),
+            client_alpn=client_alpn,
         )
         if old is not None and old.chain[0] == leaf:
             renew_at = old.renew_at  # drawn once per leaf

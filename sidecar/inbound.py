@@ -5,21 +5,25 @@ mesh's trust bundle; the caller's SPIFFE ID must be one the service's policy all
 Plaintext, an unknown CA, an expired or unwelcome certificate are refused during the
 handshake and counted by reason — the app is connected to only after all checks pass,
 so no byte of a refused caller ever reaches it. Draining stops accepting and waits.
+
+A connection whose ALPN is ``http/1.1`` (an L7 outbound sidecar offers it) goes to the
+L7 handler (``l7``, ``sidecar.l7_inbound``); one without ALPN is relayed byte for byte.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from cryptography import x509
 
+from certs.spiffe import SpiffeId
 from certs.verify import Expectation, check_identity
 from sidecar.authz import caller_allowed
 from sidecar.catalog import Catalog
 from sidecar.config import SidecarConfig
-from sidecar.identity import Contexts
+from sidecar.identity import ALPN_HTTP1, Contexts
 from sidecar.metrics import SidecarMetrics
 from sidecar.outbound import Open
 from sidecar.relay import PlainSide, Relay, RelayStats
@@ -39,8 +43,10 @@ class Inbound:
         contexts: Callable[[], Contexts],
         metrics: SidecarMetrics,
         connections: set[Open],
+        l7: Callable[[TlsLeg, SpiffeId], Awaitable[None]] | None = None,
     ) -> None:
         self.cfg = cfg
+        self.l7 = l7
         self.trust_domain = trust_domain
         self.catalog = catalog
         self.contexts = contexts
@@ -122,6 +128,9 @@ class Inbound:
             self._refuse(
                 leg, "caller_not_allowed", f"{verdict.spiffe_id} may not call {self.service_key}"
             )
+            return
+        if self.l7 is not None and leg.alpn_protocol() == ALPN_HTTP1:
+            await self.l7(leg, verdict.spiffe_id)
             return
         loop = asyncio.get_running_loop()
         try:

@@ -6,6 +6,10 @@ the breaker admits it or it is reset at once; an endpoint is chosen (outlier rul
 then the balancer); connect + TLS handshake with a timeout; the peer must present
 exactly the SPIFFE ID the control plane lists for that endpoint; a failure tries
 another endpoint (bounded) before the app sees a reset. Then the relay takes over.
+
+A service port whose protocol is ``http`` goes to the L7 handler instead (``l7``,
+``sidecar.l7_outbound``): per-request routing, balancing and retries over pooled
+connections. ``tcp`` (and, until its handler exists, ``grpc``) stays on the relay.
 """
 
 from __future__ import annotations
@@ -16,24 +20,20 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from cryptography import x509
-
-from certs.spiffe import SpiffeIdError
-from certs.spiffe import parse as parse_spiffe_id
-from certs.verify import Expectation, check_identity
-from meshlet.model import Endpoint, Service
+from meshlet.model import Endpoint, Protocol, Service
 from sidecar.breaker import Kind
 from sidecar.catalog import Catalog
 from sidecar.clusters import Cluster, Clusters
 from sidecar.config import SidecarConfig, UnknownDestination, Upstream
+from sidecar.connect import ConnectFailed, open_mtls
 from sidecar.identity import Contexts
 from sidecar.metrics import SidecarMetrics
 from sidecar.origdst import original_dst
 from sidecar.relay import PlainSide, Relay, RelayStats
-from sidecar.tlsleg import TlsHandshakeError, TlsLeg
+from sidecar.tlsleg import TlsLeg
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,6 @@ class Open:
     stats: RelayStats
 
 
-class ConnectFailed(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
 class Outbound:
     def __init__(
         self,
@@ -64,8 +58,10 @@ class Outbound:
         contexts: Callable[[], Contexts],
         metrics: SidecarMetrics,
         connections: set[Open],
+        l7: Callable[[PlainSide, Service], Awaitable[None]] | None = None,
     ) -> None:
         self.cfg = cfg
+        self.l7 = l7
         self.catalog = catalog
         self.clusters = clusters
         self.contexts = contexts
@@ -155,6 +151,9 @@ class Outbound:
         if service is None:
             await self._unknown(side, upstream, dst)
             return
+        if self.l7 is not None and _speaks_http(service, upstream, dst):
+            await self.l7(side, service)
+            return
         catalog = self.catalog()
         cluster = self.clusters.cluster(service, catalog)
         if not cluster.breaker.try_acquire(Kind.CONNECTIONS):
@@ -214,40 +213,7 @@ class Outbound:
         cluster.breaker.release(Kind.CONNECTIONS)
 
     async def _open(self, endpoint: Endpoint, service: Service) -> TlsLeg:
-        loop = asyncio.get_running_loop()
-        ctx = self.contexts().client
-        timeouts = service.policy.timeouts
-        try:
-            async with asyncio.timeout(timeouts.connect_s):
-                _, leg = await loop.create_connection(
-                    lambda: TlsLeg(ctx, server_side=False, handshake_timeout_s=timeouts.connect_s),
-                    endpoint.address,
-                    endpoint.inbound_port,
-                )
-                await leg.handshake
-        except TimeoutError:
-            raise ConnectFailed("timeout") from None
-        except TlsHandshakeError as e:
-            raise ConnectFailed(f"tls_{e.reason}") from None
-        except OSError as e:
-            raise ConnectFailed(
-                "refused" if isinstance(e, ConnectionRefusedError) else "connect_error"
-            ) from None
-        der = leg.peer_certificate()
-        try:
-            expect = Expectation.exactly(parse_spiffe_id(endpoint.identity))
-        except SpiffeIdError:
-            leg.abort()
-            raise ConnectFailed("bad_identity") from None
-        verdict = check_identity(x509.load_der_x509_certificate(der), expect) if der else None
-        if verdict is None or not verdict.ok:
-            leg.abort()
-            log.warning(
-                "peer identity refused",
-                extra={"endpoint": endpoint.id, "want": endpoint.identity, "verdict": str(verdict)},
-            )
-            raise ConnectFailed(f"identity_{verdict.reason.value if verdict else 'none'}")
-        return leg
+        return await open_mtls(endpoint, self.contexts().client, service.policy.timeouts.connect_s)
 
     def _relay(
         self,
@@ -334,3 +300,9 @@ class Outbound:
             side.abort()
             return
         self._relay(side, peer, "outbound", "passthrough", lambda: None)
+
+
+def _speaks_http(service: Service, upstream: Upstream | None, dst: tuple[str, int] | None) -> bool:
+    number = upstream.port if upstream is not None else dst[1] if dst is not None else None
+    port = service.port(number) if number is not None else None
+    return port is not None and port.protocol is Protocol.HTTP
