@@ -230,9 +230,9 @@ async def endpoint_heartbeat(request: web.Request) -> web.StreamResponse:
         return http.error_response(
             404, "not_found", f"endpoint {id_!r} is not registered: register it again"
         )
-    revision = ctx.cp.revision
-    for command in ctx.health.endpoint_heartbeat(ctx.cp.state, id_, ctx.monotonic()):
-        revision, _ = await ctx.cp.execute(command)
+    revision = await ctx.cp.execute_all(
+        ctx.health.endpoint_heartbeat(ctx.cp.state, id_, ctx.monotonic())
+    )
     return http.json_response(
         {"id": id_, "health": ctx.cp.state.endpoints[id_].health.value}, revision=revision
     )
@@ -319,9 +319,9 @@ async def node_heartbeat(request: web.Request) -> web.StreamResponse:
         return http.error_response(
             404, "not_found", f"node {name!r} is not registered: register it again"
         )
-    revision = ctx.cp.revision
-    for command in ctx.health.node_heartbeat(ctx.cp.state, name, ctx.monotonic()):
-        revision, _ = await ctx.cp.execute(command)
+    revision = await ctx.cp.execute_all(
+        ctx.health.node_heartbeat(ctx.cp.state, name, ctx.monotonic())
+    )
     return http.json_response(
         {"name": name, "health": ctx.cp.state.nodes[name].health.value}, revision=revision
     )

@@ -91,6 +91,13 @@ class ControlPlane:
             self._changed.notify_all()
         return revision, [Event(type=e.type, object=e.object, revision=revision) for e in events]
 
+    async def execute_all(self, commands: list[Command]) -> int:
+        """Apply ``commands`` in order (e.g. what a heartbeat decided); the revision after them."""
+        revision = self.revision
+        for command in commands:
+            revision, _ = await self.execute(command)
+        return revision
+
     async def wait_for(self, index: int, wait_s: float) -> int:
         """Return once the revision passes ``index`` or ``wait_s`` runs out (a blocking query)."""
         if self.revision > index or index < 0:

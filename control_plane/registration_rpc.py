@@ -292,9 +292,8 @@ class RegistrationServicer(mesh_pb2_grpc.RegistrationServicer):
     async def _beat(self, id_: str, revision: int) -> int:
         """Record a heartbeat and execute what the tracker decides (unhealthy → healthy)."""
         now = self._clock.monotonic()
-        for command in self._tracker.endpoint_heartbeat(self._cp.state, id_, now):
-            revision, _ = await self._cp.execute(command)
-        return revision
+        commands = self._tracker.endpoint_heartbeat(self._cp.state, id_, now)
+        return await self._cp.execute_all(commands) if commands else revision
 
     def _health_of(self, id_: str) -> Health:
         endpoint = self._cp.state.endpoints.get(id_)
