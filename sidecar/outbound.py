@@ -9,7 +9,7 @@ another endpoint (bounded) before the app sees a reset. Then the relay takes ove
 
 A service port whose protocol is ``http`` goes to the L7 handler instead (``l7``,
 ``sidecar.l7_outbound``): per-request routing, balancing and retries over pooled
-connections. ``tcp`` (and, until its handler exists, ``grpc``) stays on the relay.
+connections; ``grpc`` goes to the HTTP/2 handler (``h2``). ``tcp`` stays on the relay.
 """
 
 from __future__ import annotations
@@ -59,9 +59,11 @@ class Outbound:
         metrics: SidecarMetrics,
         connections: set[Open],
         l7: Callable[[PlainSide, Service], Awaitable[None]] | None = None,
+        h2: Callable[[PlainSide, Service], Awaitable[None]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.l7 = l7
+        self.h2 = h2
         self.catalog = catalog
         self.clusters = clusters
         self.contexts = contexts
@@ -151,8 +153,12 @@ class Outbound:
         if service is None:
             await self._unknown(side, upstream, dst)
             return
-        if self.l7 is not None and _speaks_http(service, upstream, dst):
+        protocol = _port_protocol(service, upstream, dst)
+        if protocol is Protocol.HTTP and self.l7 is not None:
             await self.l7(side, service)
+            return
+        if protocol is Protocol.GRPC and self.h2 is not None:
+            await self.h2(side, service)
             return
         catalog = self.catalog()
         cluster = self.clusters.cluster(service, catalog)
@@ -302,7 +308,10 @@ class Outbound:
         self._relay(side, peer, "outbound", "passthrough", lambda: None)
 
 
-def _speaks_http(service: Service, upstream: Upstream | None, dst: tuple[str, int] | None) -> bool:
+def _port_protocol(
+    service: Service, upstream: Upstream | None, dst: tuple[str, int] | None
+) -> Protocol | None:
+    """The declared protocol of the service port the app dialled (None: not a port of it)."""
     number = upstream.port if upstream is not None else dst[1] if dst is not None else None
     port = service.port(number) if number is not None else None
-    return port is not None and port.protocol is Protocol.HTTP
+    return port.protocol if port is not None else None
