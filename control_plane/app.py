@@ -27,10 +27,13 @@ from control_plane.ca import Authority
 from control_plane.core import ControlPlane
 from control_plane.discovery import GrpcServer
 from control_plane.health import HealthTracker
+from control_plane.node_rpc import SERVICE_NAME as NODES_SERVICE
+from control_plane.node_rpc import NodesServicer
 from control_plane.registry import Config
 from control_plane.store import open_store
 from meshlet.addresses import format_hostport
 from meshlet.errors import MeshError, NotFoundError
+from meshlet.proto import mesh_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +144,19 @@ async def run(cfg: RunConfig, stop: asyncio.Event | None = None) -> None:
 async def _start_identity(
     cfg: RunConfig, cp: ControlPlane, join_token: str, tracker: HealthTracker
 ) -> tuple[Authority, GrpcServer]:
-    """The CA and the gRPC server (discovery + signing + registration, which heartbeats
-    into the same tracker as the admin API)."""
+    """The CA and the gRPC server (discovery + signing + registration and node registration,
+    which heartbeat into the same tracker as the admin API)."""
     authority = Authority.open(cfg.data_dir, trust_domain=cfg.trust_domain, join_token=join_token)
-    server = GrpcServer(cp, authority, bookmark_s=cfg.bookmark_s, health_tracker=tracker)
+    nodes = NodesServicer(cp, authority, tracker)
+    server = GrpcServer(
+        cp,
+        authority,
+        bookmark_s=cfg.bookmark_s,
+        health_tracker=tracker,
+        extra_services=[
+            (NODES_SERVICE, lambda s: mesh_pb2_grpc.add_NodesServicer_to_server(nodes, s))  # type: ignore[no-untyped-call]
+        ],
+    )
     await server.start(format_hostport(*cfg.grpc), mtls_address=format_hostport(*cfg.grpc_mtls))
     return authority, server
 

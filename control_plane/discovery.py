@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any, NoReturn
 
 import grpc
@@ -306,7 +306,8 @@ def server_credentials(
 
 class GrpcServer:
     """Discovery + CertificateAuthority + health on a TLS port and, optionally, an mTLS port;
-    plus Registration (mTLS callers only) when given the ``health_tracker``."""
+    plus Registration (mTLS callers only) when given the ``health_tracker``, and any
+    ``extra_services`` (name, function that adds the servicer to a server) app.py wires in."""
 
     def __init__(
         self,
@@ -315,8 +316,10 @@ class GrpcServer:
         *,
         bookmark_s: float = BOOKMARK_INTERVAL_S,
         health_tracker: HealthTracker | None = None,
+        extra_services: Sequence[tuple[str, Callable[[grpc.aio.Server], None]]] = (),
     ) -> None:
         self._authority = authority
+        self._extra_services = tuple(extra_services)
         self._discovery = DiscoveryServicer(control_plane, authority, bookmark_s=bookmark_s)
         self._ca = CertificateAuthorityServicer(authority)
         # Registration needs the tracker the admin API uses (heartbeats); without one, no service.
@@ -343,6 +346,9 @@ class GrpcServer:
         if self._registration is not None:  # answers UNAUTHENTICATED without a client SVID
             mesh_pb2_grpc.add_RegistrationServicer_to_server(self._registration, server)  # type: ignore[no-untyped-call]
             names = (*names, REGISTRATION_SERVICE)
+        for name, add_to in self._extra_services:
+            add_to(server)
+            names = (*names, name)
         self.port = _bind(server, address, server_credentials(self._tls, client_auth=False))
         if mtls_address is not None:
             creds = server_credentials(self._tls, client_auth=True)

@@ -30,6 +30,7 @@ from meshlet.model import (
     EventType,
     Health,
     Kind,
+    Node,
     Object,
     ServicePort,
     Snapshot,
@@ -386,5 +387,56 @@ async def deregister(
     """Remove endpoint ``id`` from the mesh."""
     try:
         await stub.Deregister(mesh_pb2.DeregisterRequest(id=id), timeout=timeout_s)
+    except grpc.aio.AioRpcError as e:
+        raise _translate(e) from None
+
+
+# ---- nodes: a node helper registers its host, with the join token ------------------------------
+
+NodesStub = mesh_pb2_grpc.NodesStub
+
+
+async def register_node(
+    stub: mesh_pb2_grpc.NodesStub,
+    *,
+    name: str,
+    underlay_address: str,
+    vtep_mac: str,
+    timeout_s: float = CALL_TIMEOUT_S,
+) -> Node:
+    """Register (or re-register) node ``name``; the answer carries its leased subnet.
+
+    The stub must ride on a channel made with ``join_token``; a node keeps its subnet when it
+    registers again.
+    """
+    request = mesh_pb2.RegisterNodeRequest(
+        name=name, underlay_address=underlay_address, vtep_mac=vtep_mac
+    )
+    try:
+        response = await stub.RegisterNode(request, timeout=timeout_s)
+    except grpc.aio.AioRpcError as e:
+        raise _translate(e) from None
+    return wire.decode(Node, response.node_json, what="registered node")
+
+
+async def node_heartbeat(
+    stub: mesh_pb2_grpc.NodesStub, name: str, *, timeout_s: float = CALL_TIMEOUT_S
+) -> Health:
+    """Keep node ``name`` healthy; its health after the beat. NOT_FOUND: register again."""
+    try:
+        response = await stub.NodeHeartbeat(
+            mesh_pb2.NodeHeartbeatRequest(name=name), timeout=timeout_s
+        )
+    except grpc.aio.AioRpcError as e:
+        raise _translate(e) from None
+    return _health(response.health)
+
+
+async def deregister_node(
+    stub: mesh_pb2_grpc.NodesStub, name: str, *, timeout_s: float = CALL_TIMEOUT_S
+) -> None:
+    """Remove node ``name`` (and its endpoints) from the mesh. NOT_FOUND: it is gone already."""
+    try:
+        await stub.DeregisterNode(mesh_pb2.DeregisterNodeRequest(name=name), timeout=timeout_s)
     except grpc.aio.AioRpcError as e:
         raise _translate(e) from None

@@ -162,3 +162,51 @@ class DeregisterResponse(_message.Message):
     REVISION_FIELD_NUMBER: _ClassVar[int]
     revision: int
     def __init__(self, revision: _Optional[int] = ...) -> None: ...
+
+class RegisterNodeRequest(_message.Message):
+    __slots__ = ("name", "underlay_address", "vtep_mac")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    UNDERLAY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    VTEP_MAC_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    underlay_address: str
+    vtep_mac: str
+    def __init__(self, name: _Optional[str] = ..., underlay_address: _Optional[str] = ..., vtep_mac: _Optional[str] = ...) -> None: ...
+
+class RegisterNodeResponse(_message.Message):
+    __slots__ = ("node_json", "revision", "created")
+    NODE_JSON_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    node_json: bytes
+    revision: int
+    created: bool
+    def __init__(self, node_json: _Optional[bytes] = ..., revision: _Optional[int] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class NodeHeartbeatRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class NodeHeartbeatResponse(_message.Message):
+    __slots__ = ("name", "health", "revision")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    health: str
+    revision: int
+    def __init__(self, name: _Optional[str] = ..., health: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class DeregisterNodeRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeregisterNodeResponse(_message.Message):
+    __slots__ = ("revision",)
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    def __init__(self, revision: _Optional[int] = ...) -> None: ...

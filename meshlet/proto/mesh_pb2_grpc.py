@@ -418,3 +418,164 @@ class Registration:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class NodesStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.RegisterNode = channel.unary_unary(
+                '/meshlet.v1.Nodes/RegisterNode',
+                request_serializer=meshlet_dot_proto_dot_mesh__pb2.RegisterNodeRequest.SerializeToString,
+                response_deserializer=meshlet_dot_proto_dot_mesh__pb2.RegisterNodeResponse.FromString,
+                _registered_method=True)
+        self.NodeHeartbeat = channel.unary_unary(
+                '/meshlet.v1.Nodes/NodeHeartbeat',
+                request_serializer=meshlet_dot_proto_dot_mesh__pb2.NodeHeartbeatRequest.SerializeToString,
+                response_deserializer=meshlet_dot_proto_dot_mesh__pb2.NodeHeartbeatResponse.FromString,
+                _registered_method=True)
+        self.DeregisterNode = channel.unary_unary(
+                '/meshlet.v1.Nodes/DeregisterNode',
+                request_serializer=meshlet_dot_proto_dot_mesh__pb2.DeregisterNodeRequest.SerializeToString,
+                response_deserializer=meshlet_dot_proto_dot_mesh__pb2.DeregisterNodeResponse.FromString,
+                _registered_method=True)
+
+
+class NodesServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def RegisterNode(self, request, context):
+        """Register (or re-register) a node; it keeps its subnet across re-registrations.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def NodeHeartbeat(self, request, context):
+        """Keep the node healthy; send every few seconds (well inside the control plane's TTL).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeregisterNode(self, request, context):
+        """The node leaves: it and its endpoints are removed; the other nodes drop its routes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_NodesServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'RegisterNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterNode,
+                    request_deserializer=meshlet_dot_proto_dot_mesh__pb2.RegisterNodeRequest.FromString,
+                    response_serializer=meshlet_dot_proto_dot_mesh__pb2.RegisterNodeResponse.SerializeToString,
+            ),
+            'NodeHeartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.NodeHeartbeat,
+                    request_deserializer=meshlet_dot_proto_dot_mesh__pb2.NodeHeartbeatRequest.FromString,
+                    response_serializer=meshlet_dot_proto_dot_mesh__pb2.NodeHeartbeatResponse.SerializeToString,
+            ),
+            'DeregisterNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeregisterNode,
+                    request_deserializer=meshlet_dot_proto_dot_mesh__pb2.DeregisterNodeRequest.FromString,
+                    response_serializer=meshlet_dot_proto_dot_mesh__pb2.DeregisterNodeResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'meshlet.v1.Nodes', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('meshlet.v1.Nodes', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Nodes:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def RegisterNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshlet.v1.Nodes/RegisterNode',
+            meshlet_dot_proto_dot_mesh__pb2.RegisterNodeRequest.SerializeToString,
+            meshlet_dot_proto_dot_mesh__pb2.RegisterNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NodeHeartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshlet.v1.Nodes/NodeHeartbeat',
+            meshlet_dot_proto_dot_mesh__pb2.NodeHeartbeatRequest.SerializeToString,
+            meshlet_dot_proto_dot_mesh__pb2.NodeHeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeregisterNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshlet.v1.Nodes/DeregisterNode',
+            meshlet_dot_proto_dot_mesh__pb2.DeregisterNodeRequest.SerializeToString,
+            meshlet_dot_proto_dot_mesh__pb2.DeregisterNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
