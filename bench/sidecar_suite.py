@@ -79,6 +79,8 @@ def _sidecar(
         str(tmp / service.replace("/", "-")),
         "--app-port",
         str(app_port),
+        "--app-protocol",
+        "tcp",  # the echo app greets first: a declared L4 port, never peeked
         "--mode",
         "explicit",
         "--admin",

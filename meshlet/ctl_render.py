@@ -26,7 +26,7 @@ DESCRIBE_ENDPOINT_COLUMNS = ("ID", "ADDRESS", "APP-PORT", "NODE", "HEALTH", "LAB
 
 
 def ports_text(ports: list[dict[str, Any]]) -> str:
-    return ",".join(f"{p['port']}/{p.get('protocol', 'tcp')}" for p in ports) or "-"
+    return ",".join(f"{p['port']}/{p.get('protocol', 'auto')}" for p in ports) or "-"
 
 
 def labels_text(labels: dict[str, str] | None) -> str:

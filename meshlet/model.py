@@ -50,9 +50,16 @@ def service_key(namespace: str, name: str) -> str:
 
 
 class Protocol(StrEnum):
+    """What a service port speaks. ``auto`` (the default) lets the outbound sidecar look
+    at each connection's first bytes: an HTTP/1 request line or the HTTP/2 preface is
+    proxied per request, anything else is relayed as bytes. ``tcp`` turns detection off
+    (Linkerd's "opaque"): declare it for protocols where the server speaks first (SMTP,
+    MySQL, ...), which would otherwise wait out the detect timeout on every connection."""
+
     TCP = "tcp"
     HTTP = "http"
     GRPC = "grpc"
+    AUTO = "auto"
 
 
 class Health(StrEnum):
@@ -65,7 +72,7 @@ class Health(StrEnum):
 class ServicePort:
     __pydantic_config__ = _FORBID
     port: int
-    protocol: Protocol = Protocol.TCP
+    protocol: Protocol = Protocol.AUTO
 
     def __post_init__(self) -> None:
         check_port(self.port, "port")

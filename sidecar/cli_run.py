@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import socket
 from pathlib import Path
 
 import click
@@ -10,6 +12,9 @@ from meshlet.addresses import format_hostport, parse_hostport
 from meshlet.errors import InputError
 
 PathArg = click.Path(path_type=Path)
+_DNS_NAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
 
 
 def _labels(values: tuple[str, ...]) -> dict[str, str]:
@@ -22,6 +27,47 @@ def _labels(values: tuple[str, ...]) -> dict[str, str]:
     return labels
 
 
+def _control_plane_address(text: str, *, what: str) -> tuple[str, int]:
+    """``HOST:PORT`` where HOST may also be a DNS name, like ``meshlet-control-plane:15010``
+    in docker compose: gRPC resolves it on every connect, so a control plane that comes
+    back with another address is found again."""
+    host, sep, port_text = text.rpartition(":")
+    if not (sep and _DNS_NAME.fullmatch(host) and not host.replace(".", "").isdigit()):
+        return parse_hostport(text, what=what)
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise InputError(f"{what} {text!r}: port {port_text!r} is not a number") from None
+    if not 1 <= port <= 65535:
+        raise InputError(f"{what} {text!r}: port {port} is out of range 1-65535")
+    return host, port
+
+
+def _auto_address(route_table: str = "/proc/net/route") -> str:
+    """``--address auto``: the source address of this namespace's default route (inside a
+    container, its address on the compose network). Connecting a UDP socket to the
+    gateway only asks the kernel for the route; it sends nothing."""
+    try:
+        lines = Path(route_table).read_text().splitlines()[1:]
+    except OSError:
+        lines = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 2 and fields[1] == "00000000" and fields[2] != "00000000":
+            gateway = socket.inet_ntoa(int(fields[2], 16).to_bytes(4, "little"))
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                try:
+                    probe.connect((gateway, 9))
+                    address: str = probe.getsockname()[0]
+                except OSError:
+                    continue
+            return address
+    raise InputError(
+        "--address auto: this network namespace has no IPv4 default route to take the "
+        "address from; pass the address peers dial, like --address 198.19.0.5"
+    )
+
+
 @click.command("run")
 @click.option(
     "--service", required=True, metavar="NS/NAME", help="The service this replica belongs to."
@@ -30,7 +76,7 @@ def _labels(values: tuple[str, ...]) -> dict[str, str]:
     "--control-plane",
     required=True,
     metavar="HOST:PORT",
-    help="The control plane's gRPC (TLS) address.",
+    help="The control plane's gRPC (TLS) address; HOST may be a DNS name.",
 )
 @click.option(
     "--control-plane-mtls",
@@ -51,7 +97,12 @@ def _labels(values: tuple[str, ...]) -> dict[str, str]:
 )
 @click.option("--app-port", type=int, required=True, help="The app's port on 127.0.0.1.")
 @click.option(
-    "--app-protocol", type=click.Choice(["tcp", "http", "grpc"]), default="tcp", show_default=True
+    "--app-protocol",
+    type=click.Choice(["auto", "tcp", "http", "grpc"]),
+    default="auto",
+    show_default=True,
+    help="What the app's port speaks, if this replica creates its service: auto detects "
+    "per connection; tcp for server-speaks-first protocols (no detection).",
 )
 @click.option(
     "--mode",
@@ -72,7 +123,8 @@ def _labels(values: tuple[str, ...]) -> dict[str, str]:
 @click.option(
     "--address",
     default=None,
-    help="The address peers dial (this replica's overlay IP). Default: the inbound host, or 127.0.0.1.",
+    help="The address peers dial (this replica's overlay IP); `auto`: the source address "
+    "of the default route (in a container). Default: the inbound host, or 127.0.0.1.",
 )
 @click.option(
     "--endpoint-id",
@@ -116,6 +168,13 @@ def _labels(values: tuple[str, ...]) -> dict[str, str]:
     help="HTTP/1.1: a request head must arrive within this, or the connection closes.",
 )
 @click.option(
+    "--detect-timeout",
+    default="200ms",
+    show_default=True,
+    help="Ports not declared: how long to wait for the app's first bytes before relaying "
+    "the connection as TCP (server-speaks-first protocols wait this once per connection).",
+)
+@click.option(
     "--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"])
 )
 def run(
@@ -142,6 +201,7 @@ def run(
     cert_ttl: str | None,
     access_log: str,
     http_header_timeout: str,
+    detect_timeout: str,
     log_level: str,
 ) -> None:
     """Run the sidecar until SIGTERM (then drain and exit)."""
@@ -157,9 +217,15 @@ def run(
     ns, slash, name = service.partition("/")
     if not slash:
         raise InputError(f"--service {service!r} must be NS/NAME, like shop/orders")
-    cp_host, cp_port = parse_hostport(control_plane, what="--control-plane")
+    cp_host, cp_port = _control_plane_address(control_plane, what="--control-plane")
+    if control_plane_mtls is not None:
+        control_plane_mtls = format_hostport(
+            *_control_plane_address(control_plane_mtls, what="--control-plane-mtls")
+        )
     inbound_addr = parse_hostport(inbound, what="--inbound", default_host="0.0.0.0")
-    if address is None:
+    if address == "auto":
+        address = _auto_address()
+    elif address is None:
         address = inbound_addr[0] if inbound_addr[0] not in ("0.0.0.0", "::") else "127.0.0.1"
     if join_token is None and cert_dir is None:
         raise InputError(
@@ -190,6 +256,7 @@ def run(
         cert_ttl_s=int(parse_duration(cert_ttl, what="--cert-ttl")) if cert_ttl else None,
         access_log=access_log,
         http_header_timeout_s=parse_duration(http_header_timeout, what="--http-header-timeout"),
+        detect_timeout_s=parse_duration(detect_timeout, what="--detect-timeout"),
     )
     logs.setup(log_level)
     uvloop.run(run_app(cfg))

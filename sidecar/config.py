@@ -74,7 +74,7 @@ class SidecarConfig:
     join_token: Path | None = None
     app_port: int
     app_host: str = "127.0.0.1"
-    app_protocol: Protocol = Protocol.TCP
+    app_protocol: Protocol = Protocol.AUTO
     mode: Mode = Mode.TRANSPARENT
     upstreams: tuple[Upstream, ...] = ()
     admin: tuple[str, int] = ("127.0.0.1", 15000)
@@ -93,6 +93,7 @@ class SidecarConfig:
     state_dir: Path | None = None
     access_log: str = "-"  # L7 access log: "-" stdout, "off", or a file path
     http_header_timeout_s: float = 10.0  # a request head must arrive within this
+    detect_timeout_s: float = 0.2  # ports not declared: peek this long, then relay as TCP
 
     def __post_init__(self) -> None:
         for value, what in ((self.namespace, "namespace"), (self.service, "service name")):
@@ -112,6 +113,8 @@ class SidecarConfig:
             raise InputError("--connect-attempts must be 1-10")
         if not self.http_header_timeout_s > 0:
             raise InputError("--http-header-timeout must be greater than 0")
+        if not self.detect_timeout_s > 0:
+            raise InputError("--detect-timeout must be greater than 0 (e.g. 200ms)")
 
     @property
     def spiffe_path(self) -> str:

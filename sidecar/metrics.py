@@ -185,6 +185,35 @@ class SidecarMetrics:
         self._rq: dict[tuple[str, str, str], Any] = {}
         self._rs: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
 
+        # HTTP/2 and gRPC (the request metrics above count HTTP/2 requests too).
+        self.h2_pool_connections = Gauge(
+            "meshlet_http2_pool_connections",
+            "Pooled HTTP/2 client connections open now (outbound: to peer sidecars, "
+            "inbound: to the app).",
+            ["direction", "service"],
+            registry=r,
+        )
+        self.h2_pool_opened = Counter(
+            "meshlet_http2_pool_connections_opened",
+            "Pooled HTTP/2 client connections opened.",
+            ["direction", "service"],
+            registry=r,
+        )
+        self.h2_connection_errors = Counter(
+            "meshlet_http2_connection_errors",
+            "HTTP/2 connections this sidecar ended with an error GOAWAY, by reason "
+            "(rapid_reset, settings_flood, ping_flood, hpack_bomb, continuation_flood, ...).",
+            ["direction", "reason"],
+            registry=r,
+        )
+        self.grpc_responses = Counter(
+            "meshlet_grpc_response",
+            "gRPC calls answered, by grpc-status (0: OK).",
+            ["direction", "service", "route", "grpc_status"],
+            registry=r,
+        )
+        self._grpc: dict[tuple[str, str, str, int], Any] = {}
+
     def http_request(self, direction: str, service: str, route: str) -> None:
         key = (direction, service, route)
         child = self._rq.get(key)
@@ -213,3 +242,46 @@ class SidecarMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def grpc_response(self, direction: str, service: str, route: str, grpc_status: int) -> None:
+        key = (direction, service, route, grpc_status)
+        child = self._grpc.get(key)
+        if child is None:
+            child = self._grpc[key] = self.grpc_responses.labels(
+                direction, service, route, str(grpc_status)
+            )
+        child.inc()
+
+
+# ---- protocol detection (outbound: ports not declared, and h2c on ports declared http) ----
+
+# Peeks end in well under a millisecond for clients that speak first; the detect timeout
+# (200 ms by default) is where server-speaks-first connections land.
+DETECTION_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0,
+)  # fmt: skip
+
+
+class DetectionMetrics:
+    """How outbound connections were classified by peeking, and how long it took.
+    Registered on the sidecar's registry by its ``Outbound`` (one per process)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.detections = Counter(
+            "meshlet_sidecar_protocol_detections",
+            "Outbound connections classified by their first bytes, by outcome (http1, h2, "
+            "tcp: proved neither; timeout: nothing decisive in time, so relayed as TCP, or "
+            "on a port declared http served as HTTP/1.1).",
+            ["service", "outcome"],
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "meshlet_sidecar_protocol_detection_seconds",
+            "Time from accepting an outbound connection to knowing its protocol.",
+            buckets=DETECTION_BUCKETS,
+            registry=registry,
+        )
+
+    def detected(self, service: str, outcome: str, seconds: float) -> None:
+        self.detections.labels(service, outcome).inc()
+        self.seconds.observe(seconds)

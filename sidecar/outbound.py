@@ -7,9 +7,15 @@ then the balancer); connect + TLS handshake with a timeout; the peer must presen
 exactly the SPIFFE ID the control plane lists for that endpoint; a failure tries
 another endpoint (bounded) before the app sees a reset. Then the relay takes over.
 
-A service port whose protocol is ``http`` goes to the L7 handler instead (``l7``,
-``sidecar.l7_outbound``): per-request routing, balancing and retries over pooled
-connections; ``grpc`` goes to the HTTP/2 handler (``h2``). ``tcp`` stays on the relay.
+Which handler serves a connection follows the dialled service port's protocol: ``tcp``
+stays on the relay, untouched; ``grpc`` goes to the HTTP/2 handler (``h2``); ``http``
+goes to the HTTP/1.1 handler (``l7``, ``sidecar.l7_outbound``: per-request routing,
+balancing and retries over pooled connections) unless its first bytes are the HTTP/2
+preface (h2c: ``h2``). A port not declared (``auto``, the default) is detected: the
+first bytes are peeked (``sidecar.peek``, ``sidecar.detect``) for up to
+``--detect-timeout``; an HTTP/1 request line goes to ``l7``, the preface to ``h2``, and
+anything else, or silence (a server-speaks-first protocol), to the relay, peeked bytes
+first. A handler not wired in (None) leaves its connections on the relay.
 """
 
 from __future__ import annotations
@@ -29,9 +35,11 @@ from sidecar.catalog import Catalog
 from sidecar.clusters import Cluster, Clusters
 from sidecar.config import SidecarConfig, UnknownDestination, Upstream
 from sidecar.connect import ConnectFailed, open_mtls
+from sidecar.detect import Detected, classify, h2_or_http1
 from sidecar.identity import Contexts
-from sidecar.metrics import SidecarMetrics
+from sidecar.metrics import DetectionMetrics, SidecarMetrics
 from sidecar.origdst import original_dst
+from sidecar.peek import peek
 from sidecar.relay import PlainSide, Relay, RelayStats
 from sidecar.tlsleg import TlsLeg
 
@@ -68,6 +76,7 @@ class Outbound:
         self.clusters = clusters
         self.contexts = contexts
         self.metrics = metrics
+        self.detection = DetectionMetrics(metrics.registry)
         self.connections = connections
         self.servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -153,11 +162,14 @@ class Outbound:
         if service is None:
             await self._unknown(side, upstream, dst)
             return
-        protocol = _port_protocol(service, upstream, dst)
-        if protocol is Protocol.HTTP and self.l7 is not None:
+        found = await self._detect(side, service, _port_protocol(service, upstream, dst))
+        if found is None:  # the app's connection went away while we looked at it
+            side.abort()
+            return
+        if found is Detected.HTTP1 and self.l7 is not None:
             await self.l7(side, service)
             return
-        if protocol is Protocol.GRPC and self.h2 is not None:
+        if found is Detected.H2 and self.h2 is not None:
             await self.h2(side, service)
             return
         catalog = self.catalog()
@@ -171,6 +183,29 @@ class Outbound:
         except BaseException:
             cluster.breaker.release(Kind.CONNECTIONS)
             raise
+
+    async def _detect(
+        self, side: PlainSide, service: Service, protocol: Protocol
+    ) -> Detected | None:
+        """What the connection speaks: declared, or peeked at (the bytes stay on ``side``);
+        None if it was lost meanwhile."""
+        if protocol is Protocol.TCP:
+            return Detected.TCP
+        if protocol is Protocol.GRPC:
+            return Detected.H2
+        declared_http = protocol is Protocol.HTTP
+        if declared_http:  # only h2c or not; the HTTP/1.1 codec judges the rest
+            peeked = await peek(side, h2_or_http1, self.cfg.http_header_timeout_s)
+        else:
+            peeked = await peek(side, classify, self.cfg.detect_timeout_s)
+        if peeked.lost:
+            return None
+        found = peeked.found
+        if found is Detected.NEED_MORE:  # silence, or EOF before anything decisive
+            found = Detected.HTTP1 if declared_http else Detected.TCP
+        outcome = "timeout" if peeked.timed_out else found.value
+        self.detection.detected(service.key, outcome, peeked.seconds)
+        return found
 
     async def _connect_and_relay(self, side: PlainSide, cluster: Cluster, service: Service) -> None:
         tried: set[str] = set()
@@ -310,8 +345,9 @@ class Outbound:
 
 def _port_protocol(
     service: Service, upstream: Upstream | None, dst: tuple[str, int] | None
-) -> Protocol | None:
-    """The declared protocol of the service port the app dialled (None: not a port of it)."""
+) -> Protocol:
+    """The declared protocol of the service port the app dialled; ``auto`` (detect) for
+    a port the service does not list (an explicit ``--upstream`` may name one)."""
     number = upstream.port if upstream is not None else dst[1] if dst is not None else None
     port = service.port(number) if number is not None else None
-    return port.protocol if port is not None else None
+    return port.protocol if port is not None else Protocol.AUTO

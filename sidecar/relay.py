@@ -163,6 +163,17 @@ class TransportSide(asyncio.Protocol):
         if self._lost:
             peer.on_closed(self, self.error)
 
+    def detach(self, unread: bytes = b"") -> None:
+        """Undo ``attach`` (protocol detection peeks, then hands the side on): reading
+        pauses, the peer is forgotten, and ``unread`` (what it read and did not use) is
+        kept as early data ahead of anything read later; the next ``attach`` delivers it,
+        then EOF and loss as usual."""
+        self.pause_reading()
+        self._peer = None
+        if unread:
+            self._early.insert(0, unread)
+            self._early_size += len(unread)
+
     def _keep_early(self, data: bytes) -> None:
         """Data before attach: kept for the peer; too much of it ends the connection."""
         self._early.append(data)

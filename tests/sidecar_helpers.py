@@ -128,8 +128,11 @@ class Sidecar(Proc):
         address: str = "127.0.0.1",
         extra: tuple[str, ...] = (),
         name: str = "",
+        protocol: str | None = None,
     ) -> None:
         self.name = name or f"{service.replace('/', '-')}-{address}"
+        if protocol is not None:  # the app's port, declared (default: detected)
+            extra = (*extra, "--app-protocol", protocol)
         self.admin_port = free_port()
         self.inbound_port = free_port(address)
         self.address = address

@@ -47,6 +47,7 @@ class Mesh:
             self.web.app_port,
             extra=("--upstream", f"shop/orders:8080=127.0.0.1:{self.local}"),
             name="web",
+            protocol="tcp",
         )
 
 
@@ -63,6 +64,7 @@ def start_mesh(tmp: Path) -> Mesh:
         web_port,
         extra=("--upstream", f"shop/orders:8080=127.0.0.1:{local}"),
         name="web",
+        protocol="tcp",
     )
     mesh = Mesh(tmp, cp, apps, orders, web, local)
     try:
@@ -77,7 +79,7 @@ def start_mesh(tmp: Path) -> Mesh:
             name = f"orders-{i}"
             port = free_port()
             apps[name] = echo_app(name, "127.0.0.1", port, tmp)
-            orders[name] = Sidecar(cp, tmp, "shop/orders", port, address=address, name=name).start()
+            orders[name] = Sidecar(cp, tmp, "shop/orders", port, address=address, name=name, protocol="tcp").start()
         apps["web"] = echo_app("web", "127.0.0.1", web_port, tmp)  # the caller's own app
         web.start()
         for sc in [*orders.values(), web]:

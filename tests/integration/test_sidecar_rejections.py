@@ -114,7 +114,7 @@ def start_mesh(tmp: Path) -> Mesh:
             port = free_port()
             mesh.apps[name] = echo_app(name, "127.0.0.1", port, tmp)
             mesh.sidecars[name] = Sidecar(
-                cp, tmp, service, port, address=address, extra=extra, name=name
+                cp, tmp, service, port, address=address, extra=extra, name=name, protocol="tcp"
             ).start()
         for sc in mesh.sidecars.values():
             sc.wait_ready()

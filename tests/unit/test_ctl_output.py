@@ -72,7 +72,7 @@ def test_rows_for_services_endpoints_and_vips() -> None:
     endpoints = [ep("a"), ep("b", "draining"), ep("c", address="::1")]
     assert service_rows(services, endpoints) == [
         ("shop", "orders", "198.19.128.1", "8080/http,9090/grpc", "2/3"),
-        ("shop", "web", "198.19.128.2", "80/tcp", "0/0"),
+        ("shop", "web", "198.19.128.2", "80/auto", "0/0"),
     ]
     rows = endpoint_rows(endpoints)
     assert rows[0] == (
