@@ -171,7 +171,7 @@ async def _fanout(cp: ControlPlaneProcess, watchers: int, registrations: int) ->
     count = (watchers + per_channel - 1) // per_channel
     channels = [channel(cp.grpc, cp.bundle, join_token=token) for _ in range(count)]
     tasks = [
-        asyncio.create_task(watcher(DiscoveryStub(channels[i // per_channel]), i))
+        asyncio.create_task(watcher(DiscoveryStub(channels[i // per_channel]), i))  # type: ignore[no-untyped-call]
         for i in range(watchers)
     ]
     last, every = [], []

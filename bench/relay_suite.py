@@ -108,7 +108,7 @@ def _proxy_main(mode: str, certdir: str, backends: tuple[int, ...], conn: Connec
                 spawn(link(side, lambda: loop.create_connection(PlainSide, "127.0.0.1", backend)))
                 return side
 
-            inbound = await loop.create_server(accept_inbound, "127.0.0.1", 0)
+            inbound = await loop.create_server(accept_inbound, "127.0.0.1", 0)  # type: ignore[arg-type]
             inport = inbound.sockets[0].getsockname()[1]
 
             def upstream() -> Side:
@@ -118,7 +118,7 @@ def _proxy_main(mode: str, certdir: str, backends: tuple[int, ...], conn: Connec
 
             def accept_outbound() -> PlainSide:
                 side = PlainSide()
-                spawn(link(side, lambda: loop.create_connection(upstream, "127.0.0.1", inport)))
+                spawn(link(side, lambda: loop.create_connection(upstream, "127.0.0.1", inport)))  # type: ignore[type-var]
                 return side
 
             outbound = await loop.create_server(accept_outbound, "127.0.0.1", 0, backlog=1024)
