@@ -43,10 +43,26 @@ def _control_plane_address(text: str, *, what: str) -> tuple[str, int]:
     return host, port
 
 
-def _auto_address(route_table: str = "/proc/net/route") -> str:
-    """``--address auto``: the source address of this namespace's default route (inside a
-    container, its address on the compose network). Connecting a UDP socket to the
-    gateway only asks the kernel for the route; it sends nothing."""
+def _source_address(destination: str) -> str | None:
+    """The address this namespace would send from to ``destination`` (an IPv4 address).
+    Connecting a UDP socket only asks the kernel for the route; it sends nothing."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((destination, 9))
+            address: str = probe.getsockname()[0]
+        except OSError:
+            return None
+    return address
+
+
+def _auto_address(toward: str, route_table: str = "/proc/net/route") -> str:
+    """``--address auto``: the address of the interface that reaches the control plane
+    (``toward``, an IP or a name), else the source address of the default route. In a
+    compose container that is its address on the network it shares with its peers."""
+    try:
+        targets = [socket.getaddrinfo(toward, None, socket.AF_INET)[0][4][0]]
+    except (OSError, IndexError):
+        targets = []  # not resolvable yet: the default route decides
     try:
         lines = Path(route_table).read_text().splitlines()[1:]
     except OSError:
@@ -54,17 +70,15 @@ def _auto_address(route_table: str = "/proc/net/route") -> str:
     for line in lines:
         fields = line.split()
         if len(fields) > 2 and fields[1] == "00000000" and fields[2] != "00000000":
-            gateway = socket.inet_ntoa(int(fields[2], 16).to_bytes(4, "little"))
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-                try:
-                    probe.connect((gateway, 9))
-                    address: str = probe.getsockname()[0]
-                except OSError:
-                    continue
+            targets.append(socket.inet_ntoa(int(fields[2], 16).to_bytes(4, "little")))
+    for target in targets:
+        address = _source_address(str(target))
+        if address is not None and not address.startswith("127."):
             return address
     raise InputError(
-        "--address auto: this network namespace has no IPv4 default route to take the "
-        "address from; pass the address peers dial, like --address 198.19.0.5"
+        f"--address auto: neither the control plane ({toward}) nor an IPv4 default route "
+        "is reached from a non-loopback address here; pass the address peers dial, like "
+        "--address 198.19.0.5"
     )
 
 
@@ -123,8 +137,9 @@ def _auto_address(route_table: str = "/proc/net/route") -> str:
 @click.option(
     "--address",
     default=None,
-    help="The address peers dial (this replica's overlay IP); `auto`: the source address "
-    "of the default route (in a container). Default: the inbound host, or 127.0.0.1.",
+    help="The address peers dial (this replica's overlay IP); `auto`: this namespace's "
+    "address toward the control plane (in a container). Default: the inbound host, or "
+    "127.0.0.1.",
 )
 @click.option(
     "--endpoint-id",
@@ -224,7 +239,7 @@ def run(
         )
     inbound_addr = parse_hostport(inbound, what="--inbound", default_host="0.0.0.0")
     if address == "auto":
-        address = _auto_address()
+        address = _auto_address(cp_host)
     elif address is None:
         address = inbound_addr[0] if inbound_addr[0] not in ("0.0.0.0", "::") else "127.0.0.1"
     if join_token is None and cert_dir is None:

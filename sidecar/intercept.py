@@ -46,8 +46,10 @@ from meshlet.errors import InputError
 TABLE = "meshlet"
 FAMILY = "inet"
 CHAIN = "output"
-# nft's symbolic "dstnat" is only valid on prerouting; output NAT uses the number.
-PRIORITY = -100
+# nft's symbolic "dstnat" is only valid on prerouting; output NAT uses the number. Below
+# -100 (where iptables-nft's nat OUTPUT chain sits, e.g. Docker's embedded-DNS DNAT) so
+# our redirect runs first whatever order the rules were loaded in.
+PRIORITY = -110
 DNS_PORT = 53
 
 PREAMBLE = f"table {FAMILY} {TABLE} {{}}\ndelete table {FAMILY} {TABLE}\n"

@@ -33,7 +33,7 @@ delete table inet meshlet
 table inet meshlet {
 \tcomment "installed by meshlet sidecar init; remove with --remove"
 \tchain output {
-\t\ttype nat hook output priority -100; policy accept;
+\t\ttype nat hook output priority -110; policy accept;
 \t\tmeta mark 0x539 return comment "sockets the sidecar marked"
 \t\ttcp sport 15006 return comment "inbound listener: never captured"
 \t\toifname "lo" return comment "stays in this namespace"
