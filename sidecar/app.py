@@ -32,6 +32,8 @@ from sidecar.backoff import delay
 from sidecar.clusters import Clusters
 from sidecar.config import SidecarConfig
 from sidecar.discovery import Discovery
+from sidecar.h2_inbound import H2Inbound
+from sidecar.h2_outbound import H2Outbound
 from sidecar.identity import Identity
 from sidecar.inbound import Inbound
 from sidecar.l7_inbound import L7Inbound
@@ -166,6 +168,22 @@ async def run(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> None:
         identity=str(identity.spiffe_id),
         header_timeout_s=cfg.http_header_timeout_s,
     )
+    h2_outbound = H2Outbound(
+        catalog=lambda: discovery.catalog,
+        clusters=clusters,
+        contexts=lambda: identity.contexts,
+        metrics=metrics,
+        runtime=rt,
+        access_log=access_log,
+    )
+    h2_inbound = H2Inbound(
+        cfg,
+        catalog=lambda: discovery.catalog,
+        metrics=metrics,
+        runtime=rt,
+        access_log=access_log,
+        identity=str(identity.spiffe_id),
+    )
     outbound = Outbound(
         cfg,
         catalog=lambda: discovery.catalog,
@@ -174,6 +192,7 @@ async def run(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> None:
         metrics=metrics,
         connections=connections,
         l7=l7_outbound.serve,
+        h2=h2_outbound.serve,
     )
     inbound = Inbound(
         cfg,
@@ -183,6 +202,7 @@ async def run(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> None:
         metrics=metrics,
         connections=connections,
         l7=l7_inbound.serve,
+        h2=h2_inbound.serve,
     )
     await inbound.start()
     await outbound.start()
@@ -215,6 +235,7 @@ async def run(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> None:
             c.relay.done for c in connections if c.direction == "inbound"
         ]
         open_inbound += l7_inbound.drain()
+        open_inbound += h2_inbound.drain(cfg.drain_timeout_s)
         if open_inbound:
             await asyncio.wait(open_inbound, timeout=cfg.drain_timeout_s)
 
@@ -278,6 +299,8 @@ async def run(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> None:
             c.relay.abort()
         l7_outbound.close()
         l7_inbound.close()
+        h2_outbound.close()
+        h2_inbound.close()
         access_log.close()
         if dns_server is not None:
             await dns_server.stop()

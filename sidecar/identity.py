@@ -51,8 +51,9 @@ KEY, CERT, BUNDLE = "key.pem", "cert.pem", "bundle.pem"
 MAX_SLEEP_S = 30.0  # re-read the wall clock at least this often (host suspend, clock steps)
 RETRY_CAP_S = 60.0
 ALPN_HTTP1 = "http/1.1"
+ALPN_H2 = "h2"
 # The application protocols the mTLS leg between sidecars may carry (besides none: L4).
-MESH_ALPN: tuple[str, ...] = (ALPN_HTTP1,)
+MESH_ALPN: tuple[str, ...] = (ALPN_HTTP1, ALPN_H2)
 
 
 @dataclass(frozen=True, slots=True)

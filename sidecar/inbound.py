@@ -7,7 +7,8 @@ handshake and counted by reason — the app is connected to only after all check
 so no byte of a refused caller ever reaches it. Draining stops accepting and waits.
 
 A connection whose ALPN is ``http/1.1`` (an L7 outbound sidecar offers it) goes to the
-L7 handler (``l7``, ``sidecar.l7_inbound``); one without ALPN is relayed byte for byte.
+L7 handler (``l7``, ``sidecar.l7_inbound``), one whose ALPN is ``h2`` to the HTTP/2
+handler (``h2``, ``sidecar.h2_inbound``); one without ALPN is relayed byte for byte.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from certs.verify import Expectation, check_identity
 from sidecar.authz import caller_allowed
 from sidecar.catalog import Catalog
 from sidecar.config import SidecarConfig
-from sidecar.identity import ALPN_HTTP1, Contexts
+from sidecar.identity import ALPN_H2, ALPN_HTTP1, Contexts
 from sidecar.metrics import SidecarMetrics
 from sidecar.outbound import Open
 from sidecar.relay import PlainSide, Relay, RelayStats
@@ -44,9 +45,11 @@ class Inbound:
         metrics: SidecarMetrics,
         connections: set[Open],
         l7: Callable[[TlsLeg, SpiffeId], Awaitable[None]] | None = None,
+        h2: Callable[[TlsLeg, SpiffeId], Awaitable[None]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.l7 = l7
+        self.h2 = h2
         self.trust_domain = trust_domain
         self.catalog = catalog
         self.contexts = contexts
@@ -131,6 +134,9 @@ class Inbound:
             return
         if self.l7 is not None and leg.alpn_protocol() == ALPN_HTTP1:
             await self.l7(leg, verdict.spiffe_id)
+            return
+        if self.h2 is not None and leg.alpn_protocol() == ALPN_H2:
+            await self.h2(leg, verdict.spiffe_id)
             return
         loop = asyncio.get_running_loop()
         try:

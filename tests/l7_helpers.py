@@ -350,3 +350,296 @@ def split_responses(data: bytes) -> list[tuple[bytes, dict[str, str], bytes]]:
         out.append((lines[0].encode(), headers, rest[:size]))
         data = rest[size:]
     return out
+
+
+# ---- HTTP/2 and gRPC (tests/integration/test_sidecar_l7_h2.py) -------------------------------
+#
+# `shop/orders:8080` (protocol grpc) has two replicas, each a grpc.aio server (generic
+# handlers, raw bytes) behind a sidecar; `shop/pages:8080` (protocol http) has one, an h2c
+# server built on sidecar.h2conn. The `shop/web` sidecar has an explicit upstream to each.
+
+GRPC_APP = textwrap.dedent(
+    """
+    import asyncio, hashlib, json, sys
+    import grpc
+    name, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    arrived, counts, cancelled = [0], {}, {}
+
+    def seen(context):
+        md = dict(context.invocation_metadata())
+        tag = md.get("x-tag", "")
+        counts[tag] = counts.get(tag, 0) + 1
+        return md, tag
+
+    class Arrivals(grpc.aio.ServerInterceptor):
+        # Every call that reaches the app, whether or not a handler ends up running it.
+        async def intercept_service(self, continuation, details):
+            if details.method != "/test.Echo/Stats":
+                arrived[0] += 1
+            return await continuation(details)
+
+    async def unary(request, context):
+        seen(context)
+        await context.send_initial_metadata((("x-replica", name),))
+        context.set_trailing_metadata((("x-trailer", "yes"), ("x-replica", name)))
+        return request[::-1]
+
+    async def whoami(request, context):
+        md, _ = seen(context)
+        left = context.time_remaining()
+        return json.dumps({"replica": name, "metadata": md, "time_remaining": left}).encode()
+
+    async def bidi(requests, context):
+        seen(context)
+        async for msg in requests:
+            yield b"echo:" + msg
+
+    async def server_stream(request, context):
+        seen(context)
+        for i in range(int(request)):
+            yield b"item-%d" % i
+
+    async def client_stream(requests, context):
+        seen(context)
+        n = size = 0
+        async for msg in requests:
+            n, size = n + 1, size + len(msg)
+        return b"%d messages, %d bytes" % (n, size)
+
+    async def slow(request, context):
+        _, tag = seen(context)
+        try:
+            await asyncio.sleep(float(request))
+        except asyncio.CancelledError:
+            cancelled[tag] = cancelled.get(tag, 0) + 1
+            print("cancelled", tag, flush=True)
+            raise
+        return b"slept"
+
+    async def missing(request, context):
+        seen(context)
+        await context.abort(grpc.StatusCode.NOT_FOUND, "no such order")
+
+    async def flaky(request, context):
+        md, _ = seen(context)
+        if name in md.get("x-fail-on", "").split(","):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "try another replica")
+        return name.encode() + b":" + hashlib.sha256(request).hexdigest().encode()
+
+    async def stats(request, context):
+        tag = request.decode()
+        return json.dumps({"arrived": arrived[0], "tag": counts.get(tag, 0),
+                           "cancelled": cancelled.get(tag, 0)}).encode()
+
+    async def main():
+        u, ss = grpc.unary_unary_rpc_method_handler, grpc.unary_stream_rpc_method_handler
+        handler = grpc.method_handlers_generic_handler("test.Echo", {
+            "Unary": u(unary), "Whoami": u(whoami), "Slow": u(slow), "Missing": u(missing),
+            "Flaky": u(flaky), "Stats": u(stats), "ServerStream": ss(server_stream),
+            "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
+            "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream),
+        })
+        server = grpc.aio.server(interceptors=[Arrivals()])
+        server.add_generic_rpc_handlers((handler,))
+        server.add_insecure_port(f"{host}:{port}")
+        await server.start()
+        print("ready", flush=True)
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+    """
+)
+
+# Prints "request <path> <x-tag>" for every stream and "reset <x-tag>" when one is reset.
+# /echo: the body back, then trailers with its size; /slow?S: answers after S seconds;
+# anything else: JSON with the replica, the path and the headers seen (x-status: N).
+H2C_APP = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from sidecar.h2conn import H2Connection, H2Limits, StreamHandler
+    from sidecar.relay import PlainSide
+    name, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+    class Echo(StreamHandler):
+        size = 0
+        def on_data(self, stream, data):
+            self.size += len(data)
+            stream.send_data(data)
+        def on_end(self, stream):
+            stream.send_trailers([(b"x-echo-bytes", str(self.size).encode())])
+
+    class Watch(StreamHandler):
+        def __init__(self, tag):
+            self.tag = tag
+        def on_reset(self, stream, code):
+            print("reset", self.tag, flush=True)
+
+    def on_stream(stream):
+        head = dict(stream.headers)
+        path, tag = head[b":path"].decode(), head.get(b"x-tag", b"-").decode()
+        print("request", path, tag, flush=True)
+        if path.startswith("/echo"):
+            stream.send_headers([(b":status", b"200")])
+            stream.on_sent = stream.consumed
+            stream.set_handler(Echo())
+        elif path.startswith("/slow"):
+            stream.set_handler(Watch(tag))
+            def answer():
+                if stream.reset_code is None:
+                    stream.send_headers([(b":status", b"200")])
+                    stream.send_data(b"slow", end_stream=True)
+            asyncio.get_running_loop().call_later(float(path.partition("?")[2]), answer)
+        else:
+            body = json.dumps({"replica": name, "path": path, "headers": [
+                [k.decode(), v.decode()] for k, v in stream.headers]}).encode()
+            stream.send_headers([(b":status", head.get(b"x-status", b"200")),
+                                 (b"content-type", b"application/json"),
+                                 (b"content-length", b"%d" % len(body)),
+                                 (b"x-replica", name.encode())])
+            stream.send_data(body, end_stream=True)
+            stream.set_handler(StreamHandler())
+
+    class Side(PlainSide):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            # Lenient like common servers: the mesh adds fields to what the app sent.
+            limits = H2Limits(max_header_count=1000, max_header_list_size=100 * 1024)
+            H2Connection(self, client=False, limits=limits, on_stream=on_stream).start()
+
+    async def main():
+        await asyncio.get_running_loop().create_server(Side, host, port)
+        print("ready", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+    """
+)
+
+H2_REPLICAS = (("orders-0", "127.0.0.2"), ("orders-1", "127.0.0.3"))
+
+
+def h2_policy() -> dict[str, Any]:
+    """Round robin, no ejections; ``x-route: timeout`` takes a route with a 0.5 s timeout."""
+    return {
+        "balancing": {"algorithm": "round_robin"},
+        "outlier_detection": {"consecutive_failures": 100000},
+        "routes": [
+            {
+                "name": "timeout",
+                "match": {"headers": [{"name": "x-route", "exact": "timeout"}]},
+                "timeout_s": 0.5,
+            },
+            {"name": "slow", "match": {"path_prefix": "/slow"}, "timeout_s": 0.5},
+            {"name": "all"},
+        ],
+    }
+
+
+@dataclass
+class H2Mesh:
+    tmp: Path
+    cp: ControlPlaneProcess
+    apps: dict[str, Proc]
+    app_ports: dict[str, int]
+    sidecars: dict[str, Sidecar]  # orders-0, orders-1, pages-0, web
+    grpc_local: int  # web's local port for shop/orders:8080 (grpc)
+    http_local: int  # web's local port for shop/pages:8080 (http)
+
+    @property
+    def web(self) -> Sidecar:
+        return self.sidecars["web"]
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_local}"
+
+    def stats(self, replica: str, tag: str = "") -> dict[str, int]:
+        """The gRPC app's counters, asked directly (not through the mesh)."""
+        import grpc
+
+        with grpc.insecure_channel(
+            f"127.0.0.1:{self.app_ports[replica]}", options=[("grpc.enable_http_proxy", 0)]
+        ) as ch:
+            answer = ch.unary_unary("/test.Echo/Stats")(tag.encode(), timeout=5)
+        return dict(json.loads(answer))
+
+    def arrived(self) -> int:
+        return sum(self.stats(name)["arrived"] for name, _ in H2_REPLICAS)
+
+    def set_policy(self, policy: dict[str, Any]) -> None:
+        """PUT the orders policy and wait until the web sidecar runs on it."""
+        answer = self.cp.call(
+            "PUT",
+            "/v1/services/shop/orders",
+            {"ports": [{"port": 8080, "protocol": "grpc"}], "policy": policy},
+        )
+        assert answer.status == 200, answer
+        revision = self.cp.revision()
+        wait_for(
+            lambda: self.web.json("/config_dump")["revision"] >= revision,
+            f"the web sidecar reaches revision {revision}",
+        )
+
+
+def _app(script: str, name: str, port: int, tmp: Path) -> Proc:
+    app = Proc(
+        [sys.executable, "-c", script, name, "127.0.0.1", str(port)], tmp / f"app-{name}.log"
+    ).start()
+    deadline = time.monotonic() + 20
+    while "ready" not in app.output():
+        assert app.alive and time.monotonic() < deadline, app.output()
+        time.sleep(0.05)
+    return app
+
+
+def start_h2_mesh(tmp: Path) -> H2Mesh:
+    cp = ControlPlaneProcess(tmp / "cp", "--trust-domain", "h2.test")
+    grpc_local, http_local, web_port = free_port(), free_port(), free_port()
+    mesh = H2Mesh(tmp, cp, {}, {}, {}, grpc_local, http_local)
+    try:
+        cp.start()
+        for svc, protocol in (("orders", "grpc"), ("pages", "http")):
+            answer = cp.call(
+                "PUT",
+                f"/v1/services/shop/{svc}",
+                {"ports": [{"port": 8080, "protocol": protocol}], "policy": h2_policy()},
+            )
+            assert answer.status in (200, 201), answer
+        cp.call("PUT", "/v1/services/shop/web", {"ports": [{"port": 80, "protocol": "tcp"}]})
+        replicas = [(n, a, "shop/orders", GRPC_APP, "grpc") for n, a in H2_REPLICAS]
+        replicas.append(("pages-0", "127.0.0.4", "shop/pages", H2C_APP, "http"))
+        for name, address, service, script, protocol in replicas:
+            port = mesh.app_ports[name] = free_port()
+            mesh.apps[name] = _app(script, name, port, tmp)
+            mesh.sidecars[name] = Sidecar(
+                cp, tmp, service, port, address=address, name=name,
+                extra=("--app-protocol", protocol, "--label", f"replica={name}"),
+            ).start()  # fmt: skip
+        mesh.apps["web"] = echo_app("web", "127.0.0.1", web_port, tmp)
+        mesh.sidecars["web"] = Sidecar(
+            cp, tmp, "shop/web", web_port, name="web",
+            extra=("--upstream", f"shop/orders:8080=127.0.0.1:{grpc_local}",
+                   "--upstream", f"shop/pages:8080=127.0.0.1:{http_local}"),
+        ).start()  # fmt: skip
+        for sc in mesh.sidecars.values():
+            sc.wait_ready()
+
+        def endpoints() -> dict[str, int]:
+            return {
+                c["service"]: len(c["endpoints"]) for c in mesh.web.json("/clusters")["clusters"]
+            }
+
+        wait_for(
+            lambda: endpoints().get("shop/orders") == 2 and endpoints().get("shop/pages") == 1,
+            "web sees 2 orders and 1 pages endpoints",
+        )
+    except BaseException:
+        stop_h2_mesh(mesh)
+        raise
+    return mesh
+
+
+def stop_h2_mesh(mesh: H2Mesh) -> None:
+    for p in [*mesh.sidecars.values(), *mesh.apps.values()]:
+        p.kill()
+    mesh.cp.kill()
