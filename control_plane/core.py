@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
 
 from control_plane.registry import TABLES, Command, Config, State, apply
 from control_plane.store.base import Change, Delete, Op, Put, Store
@@ -48,6 +49,10 @@ def to_event(change: Change) -> Event:
 
 
 class ControlPlane:
+    # Decoded batches kept for the watchers still behind: one commit reaches every watcher
+    # as the same batch, so it is decoded once, not once per watcher.
+    DECODED_BATCHES = 64
+
     def __init__(self, store: Store, cfg: Config) -> None:
         self.store = store
         self.cfg = cfg
@@ -55,6 +60,7 @@ class ControlPlane:
         self.revision = 0
         self._write = asyncio.Lock()
         self._changed = asyncio.Condition()
+        self._decoded: OrderedDict[tuple[int, int, int], list[Event]] = OrderedDict()
 
     async def load(self) -> None:
         """Read the whole state from the store (on start)."""
@@ -111,4 +117,17 @@ class ControlPlane:
     async def watch(self, since: int) -> AsyncIterator[list[Event]]:
         """Events after ``since``, batch per revision; raises CompactedError when it is gone."""
         async for batch in self.store.watch(since):
-            yield [to_event(c) for c in batch]
+            yield self._events(batch)
+
+    def _events(self, batch: Sequence[Change]) -> list[Event]:
+        """``batch`` decoded, shared by every watcher (a revision's changes never change)."""
+        if not batch:
+            return []
+        key = (batch[0].revision, batch[-1].revision, len(batch))
+        events = self._decoded.get(key)
+        if events is None:
+            events = [to_event(c) for c in batch]
+            self._decoded[key] = events
+            if len(self._decoded) > self.DECODED_BATCHES:
+                self._decoded.popitem(last=False)
+        return events

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any, NoReturn
 
@@ -41,7 +42,9 @@ from control_plane.discovery_wire import (
     client_status,
     delta_responses,
     peer_chain,
+    serialize_response,
     snapshot_response,
+    with_bundle,
 )
 from control_plane.health import HealthTracker
 from control_plane.registration_rpc import SERVICE_NAME as REGISTRATION_SERVICE
@@ -55,6 +58,7 @@ from meshlet.proto import mesh_pb2, mesh_pb2_grpc
 log = logging.getLogger(__name__)
 
 BOOKMARK_INTERVAL_S = 15.0
+ENCODED_REVISIONS = 64  # Deltas kept encoded for streams still behind (one commit, many streams)
 SERVICE_NAMES = ("meshlet.v1.Discovery", "meshlet.v1.CertificateAuthority")
 _SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),  # a second control plane on the same port must fail, not share
@@ -74,7 +78,27 @@ class DiscoveryServicer(mesh_pb2_grpc.DiscoveryServicer):
         self._authority = authority
         self._interval = bookmark_s
         self._wakers: set[asyncio.Event] = set()
+        self._deltas: OrderedDict[int, bytes] = OrderedDict()
+        self._snapshot: tuple[int, bytes] = (-1, b"")
         self.closing = False
+
+    def _encoded_deltas(self, batch: Sequence[Event]) -> list[tuple[int, bytes]]:
+        """One encoded Delta per revision in ``batch``: encoded once, sent to every stream."""
+        cache = self._deltas
+        revisions = dict.fromkeys(ev.revision for ev in batch)
+        if not all(r in cache for r in revisions):
+            for response in delta_responses(batch):
+                cache[response.revision] = response.SerializeToString()
+            while len(cache) > max(ENCODED_REVISIONS, len(revisions)):
+                cache.popitem(last=False)
+        return [(r, cache[r]) for r in revisions]
+
+    def _encoded_snapshot(self) -> tuple[int, bytes]:
+        """The current Snapshot, encoded once per revision (a reconnect storm asks for it often)."""
+        snapshot = self._cp.snapshot
+        if self._snapshot[0] != snapshot.revision:
+            self._snapshot = (snapshot.revision, snapshot_response(snapshot).SerializeToString())
+        return self._snapshot
 
     def wake_all(self, _change: CaChange | None = None) -> None:
         """A new bundle (or shutdown): every stream looks up what to send."""
@@ -111,7 +135,7 @@ class DiscoveryServicer(mesh_pb2_grpc.DiscoveryServicer):
 
     async def Watch(
         self, request: mesh_pb2.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[mesh_pb2.WatchResponse]:
+    ) -> AsyncIterator[bytes]:
         await self._authenticate(context)
         try:
             status = client_status(request)
@@ -138,21 +162,20 @@ class DiscoveryServicer(mesh_pb2_grpc.DiscoveryServicer):
             "the control plane is shutting down: reconnect with your revision",
         )
 
-    async def _stream(
-        self, since: int, wake: asyncio.Event
-    ) -> AsyncGenerator[mesh_pb2.WatchResponse]:
-        """Responses until shutdown; the bundle is attached whenever the client lacks it."""
+    async def _stream(self, since: int, wake: asyncio.Event) -> AsyncGenerator[bytes]:
+        """Encoded responses until shutdown; the bundle rides along whenever the client lacks it."""
         loop = asyncio.get_running_loop()
         sent_bundle = ""
         last_sent = loop.time()
 
-        def stamp(response: mesh_pb2.WatchResponse) -> mesh_pb2.WatchResponse:
+        def stamp(response: mesh_pb2.WatchResponse | bytes) -> bytes:
             nonlocal sent_bundle, last_sent
+            raw = serialize_response(response)
             if self._authority.bundle_fingerprint != sent_bundle:
-                response.trust_bundle_pem = self._authority.bundle_pem
+                raw = with_bundle(raw, self._authority.bundle_pem)
                 sent_bundle = self._authority.bundle_fingerprint
             last_sent = loop.time()
-            return response
+            return raw
 
         resync = since <= 0 or since > self._cp.revision  # new, or from another history
         if not resync and since == self._cp.revision:
@@ -162,9 +185,9 @@ class DiscoveryServicer(mesh_pb2_grpc.DiscoveryServicer):
         try:
             while not self.closing:
                 if resync:
-                    snapshot = self._cp.snapshot
-                    yield stamp(snapshot_response(snapshot))
-                    since, resync = snapshot.revision, False
+                    revision, raw = self._encoded_snapshot()
+                    yield stamp(raw)
+                    since, resync = revision, False
                 batches = aiter(self._cp.watch(since))
                 next_batch = asyncio.ensure_future(_next(batches))
                 try:
@@ -188,9 +211,9 @@ class DiscoveryServicer(mesh_pb2_grpc.DiscoveryServicer):
                                 break
                             if batch is None:
                                 return  # the store closed: the control plane is stopping
-                            for response in delta_responses(batch):
-                                yield stamp(response)
-                                since = response.revision
+                            for revision, raw in self._encoded_deltas(batch):
+                                yield stamp(raw)
+                                since = revision
                             next_batch = asyncio.ensure_future(_next(batches))
                         elif not done:
                             yield stamp(bookmark_response(since))
@@ -339,7 +362,7 @@ class GrpcServer:
         if self._server is not None:
             raise MeshError("the gRPC server is already started")
         server = grpc.aio.server(options=_SERVER_OPTIONS)
-        mesh_pb2_grpc.add_DiscoveryServicer_to_server(self._discovery, server)  # type: ignore[no-untyped-call]
+        _add_discovery(self._discovery, server)
         mesh_pb2_grpc.add_CertificateAuthorityServicer_to_server(self._ca, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names: tuple[str, ...] = SERVICE_NAMES
@@ -388,6 +411,26 @@ class GrpcServer:
             await self._server.wait_for_termination()
         finally:
             await self.stop()
+
+
+def _add_discovery(servicer: DiscoveryServicer, server: grpc.aio.Server) -> None:
+    """As the generated ``add_DiscoveryServicer_to_server``, but Watch responses are bytes
+    encoded once per revision and shared by every stream (``serialize_response``)."""
+    handlers = {
+        "Watch": grpc.unary_stream_rpc_method_handler(
+            servicer.Watch,
+            request_deserializer=mesh_pb2.WatchRequest.FromString,
+            response_serializer=serialize_response,
+        ),
+        "Report": grpc.unary_unary_rpc_method_handler(
+            servicer.Report,
+            request_deserializer=mesh_pb2.WatchRequest.FromString,
+            response_serializer=mesh_pb2.ReportResponse.SerializeToString,
+        ),
+    }
+    name = "meshlet.v1.Discovery"
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
 
 
 def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials) -> int:

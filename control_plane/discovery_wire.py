@@ -54,6 +54,24 @@ def delta_responses(events: Sequence[Event]) -> list[mesh_pb2.WatchResponse]:
     return responses
 
 
+def with_bundle(raw: bytes, bundle_pem: bytes) -> bytes:
+    """An encoded WatchResponse with ``trust_bundle_pem`` set, without decoding it.
+
+    Protobuf merges concatenated messages field by field, so the shared bytes of a response
+    plus a message holding only the bundle is that response carrying the bundle.
+    """
+    bundle: bytes = mesh_pb2.WatchResponse(trust_bundle_pem=bundle_pem).SerializeToString()
+    return raw + bundle
+
+
+def serialize_response(response: mesh_pb2.WatchResponse | bytes) -> bytes:
+    """gRPC's serializer for Watch: responses encoded once for every stream pass as they are."""
+    if isinstance(response, bytes):
+        return response
+    raw: bytes = response.SerializeToString()
+    return raw
+
+
 def bookmark_response(revision: int) -> mesh_pb2.WatchResponse:
     return mesh_pb2.WatchResponse(revision=revision, bookmark=mesh_pb2.Bookmark())
 

@@ -32,6 +32,7 @@ from control_plane.store.sqlite import SqliteStore
 from meshlet import discovery_client as dc
 from meshlet.errors import ConflictError
 from meshlet.model import Endpoint, EventType, Health, ServicePort
+from meshlet.proto import mesh_pb2
 from meshlet.runtime import SystemClock
 
 TD = "mesh.test"
@@ -271,7 +272,8 @@ async def test_a_watcher_that_falls_behind_the_history_gets_a_new_snapshot(
     try:
         cp = ControlPlane(store, Config(trust_domain=TD))
         servicer = DiscoveryServicer(cp, mesh.authority, bookmark_s=30.0)
-        stream = servicer._stream(0, asyncio.Event())
+        raw = servicer._stream(0, asyncio.Event())  # responses encoded once, shared as bytes
+        stream = (mesh_pb2.WatchResponse.FromString(r) async for r in raw)
         async with asyncio.timeout(WAIT_S):
             assert (await anext(stream)).WhichOneof("body") == "snapshot"
             await cp.execute(put_service("web"))
@@ -285,6 +287,7 @@ async def test_a_watcher_that_falls_behind_the_history_gets_a_new_snapshot(
             await cp.execute(put_service("d"))
             assert (await anext(stream)).revision == 5
         await stream.aclose()
+        await raw.aclose()
     finally:
         await store.close()
 
