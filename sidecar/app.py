@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from aiohttp import web
 
 from certs import pki
 from certs.spiffe import SpiffeId
@@ -27,7 +26,8 @@ from meshlet.errors import InputError, MeshError
 from meshlet.model import Endpoint
 from meshlet.runtime import Runtime
 from sidecar.accesslog_sink import AccessLogSink
-from sidecar.admin import AdminState, make_admin
+from sidecar.admin import AdminState
+from sidecar.admin_server import AdminServer
 from sidecar.backoff import delay
 from sidecar.clusters import Clusters
 from sidecar.config import SidecarConfig
@@ -267,16 +267,15 @@ async def run(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> None:
         drain=drain,
         quit=stop.set,
     )
-    runner = web.AppRunner(make_admin(admin_state), access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    await web.TCPSite(runner, cfg.admin[0], cfg.admin[1], reuse_address=True).start()
+    admin_server = AdminServer(admin_state)
+    await admin_server.start(cfg.admin[0], cfg.admin[1])
     log.info(
         "sidecar serving",
         extra={
             "service": f"{cfg.namespace}/{cfg.service}",
             "inbound": inbound.port,
             "outbound": outbound.bound(),
-            "admin": runner.addresses[0][1],
+            "admin": admin_server.port,
             "mode": cfg.mode.value,
         },
     )
@@ -304,7 +303,7 @@ async def run(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> None:
         access_log.close()
         if dns_server is not None:
             await dns_server.stop()
-        await runner.cleanup()
+        await admin_server.close()
         await channels.close()
         log.info("sidecar stopped")
 
