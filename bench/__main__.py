@@ -4,7 +4,8 @@ docs/benchmarks.md with its charts (docs/benchmarks/*.png).
 
 `--only SUITE` runs one of the older meshlet-only suites instead (certs, control-plane,
 sidecar-cores, relay, sidecar, http1, h2); `--report-only FILE` re-renders the docs from
-a results file; `--lab` will run the workloads across the lab's VXLAN overlay.
+a results file; `--lab` runs the workloads across the lab's VXLAN overlay
+(bench/lab_bench.py) and regenerates the page's "Across the overlay" section.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def _suites(names: list[str], quick: bool) -> None:
 
 def render_docs(results: dict[str, Any], results_file: Path) -> Path:
     """docs/benchmarks.md and its charts from one results document."""
-    from bench import charts, report
+    from bench import charts, lab_report, report
 
     drawn = charts.draw_all(results, CHARTS)
     rel = [str(p.relative_to(DOC.parent)) for p in drawn]
@@ -81,7 +82,26 @@ def render_docs(results: dict[str, Any], results_file: Path) -> Path:
     except ValueError:
         shown = str(results_file)
     DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(report.render(results, results_file=shown, charts=rel))
+    text = report.render(results, results_file=shown, charts=rel)
+    lab_section = lab_report.extract(DOC.read_text()) if DOC.exists() else None
+    if lab_section:  # the --lab run's section stays until the next --lab run
+        text = lab_report.splice(text, lab_section)
+    DOC.write_text(text)
+    return DOC
+
+
+def render_lab_section(results: dict[str, Any], results_file: Path) -> Path:
+    """The "Across the overlay" section of docs/benchmarks.md from a --lab results file."""
+    from bench import lab_report
+
+    try:
+        shown = str(results_file.resolve().relative_to(REPO))
+    except ValueError:
+        shown = str(results_file)
+    section = lab_report.render(results, results_file=shown)
+    old = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(lab_report.splice(old, section))
     return DOC
 
 
@@ -115,6 +135,46 @@ def _summary(results: dict[str, Any]) -> None:
         print(f"   goal: {v.goal}: {v.measured} (target {v.target}) — {v.word.strip('*')}")
 
 
+def _lab(args: argparse.Namespace) -> int:
+    """`--lab`: the workloads across the lab's VXLAN overlay (bench/lab_bench.py)."""
+    if not _lab_available():
+        raise BenchError(
+            "--lab: the lab is not available (`meshlet lab` is not built); "
+            "run `make bench` without --lab for the loopback comparison"
+        )
+    from bench import lab_bench, lab_report
+    from bench.report import fmt, fmt_ratio
+    from bench.stats import ratio
+
+    sizes = QUICK if args.quick else FULL
+    if args.runs:
+        if args.runs < 3:
+            raise BenchError(f"--runs {args.runs}: medians need at least 3 runs per variant")
+        sizes = dataclasses.replace(sizes, runs=args.runs)
+    t0 = time.perf_counter()
+    stamp = _stamp()
+    results = lab_bench.run(sizes, quick=args.quick, only=tuple(args.workload or ()))
+    results["when"] = stamp
+    results["wall_s"] = time.perf_counter() - t0
+    out = _write(results, f"{stamp}-lab")
+    print(f"wrote {out}")
+    print("== medians across the overlay (overlay/direct, mesh/overlay)")
+    for w in results["workloads"]:
+        med, key = w["medians"], w["primary"]
+        d, o, m = (med[v].get(key) for v in lab_report.VARIANTS)
+        print(
+            f"   {w['id']:<12} meshlet-overlay {fmt(m):>9} {w['unit']:<14}"
+            f" overlay/direct {fmt_ratio(ratio(o, d)):>6},"
+            f" mesh/overlay {fmt_ratio(ratio(m, o)):>6}"
+        )
+    if args.workload:
+        print("docs/benchmarks.md left as it was (--workload ran only part of it)")
+    else:
+        print(f"wrote {render_lab_section(results, out)}")
+    print(f"bench --lab took {results['wall_s']:.0f} s")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="short runs (under 2 minutes)")
@@ -141,22 +201,16 @@ def main() -> int:
     try:
         if args.report_only:
             results = json.loads(args.report_only.read_text())
+            if results.get("lab"):
+                print(f"wrote {render_lab_section(results, args.report_only)}")
+                return 0
             print(f"wrote {render_docs(results, args.report_only)}")
             return 0
         if args.only:
             _suites(args.only, args.quick)
             return 0
         if args.lab:
-            if not _lab_available():
-                raise BenchError(
-                    "--lab: the lab is not available yet (`meshlet lab` is not built); "
-                    "run `make bench` without --lab for the loopback comparison"
-                )
-            raise BenchError(
-                "--lab: `meshlet lab` is there, but the benchmark does not drive it yet (it "
-                "needs a bench scenario: the bench's apps in lab containers, its clients in a "
-                "client container); run `make bench` without --lab for the loopback comparison"
-            )
+            return _lab(args)
         from bench import runner
 
         sizes = QUICK if args.quick else FULL

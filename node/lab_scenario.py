@@ -4,6 +4,7 @@ the demo scenario's services, and the nftables scripts the lab installs.
 For: ``Layout`` (a prefix, a node count and an underlay /24 → every namespace name,
 underlay address and replica placement), ``DEMO`` (the Swarm-like demo: ``web`` calling
 ``orders`` over HTTP, ``prices`` over gRPC, ``redis`` over TCP, and a ``load`` client),
+``BENCH`` (the services of `make bench BENCH_ARGS=--lab`; the bench builds the containers),
 ``scale_plan`` (current replica indexes + a target → which to add and remove) and the
 nft scripts for the containers' way to the control plane (masquerade) and for a
 partition (drop VXLAN's UDP).
@@ -160,7 +161,39 @@ DEMO = Scenario(
         ),
     ),
 )
-SCENARIOS = {DEMO.name: DEMO}
+# `make bench BENCH_ARGS=--lab` (bench/lab_bench.py): only the services are declared here
+# (their VIPs and policy); the bench builds its own containers (its apps, its clients, and
+# plain containers without sidecars for the direct-overlay path), so no replica is started.
+# The bench's path names and ports (bench/workloads.py PATHS); both proxies of the loopback
+# comparison allow 8,000 connections per path, so the sidecars do here too.
+_BENCH_POLICY: dict[str, Any] = {
+    "circuit_breaker": {"max_connections": 8000, "max_pending": 8000, "max_requests": 8000}
+}
+_BENCH_PATHS: tuple[tuple[str, int, str], ...] = (
+    ("bulk", 9000, "tcp"),
+    ("echo", 9001, "tcp"),
+    ("http", 8080, "http"),
+    ("grpc", 50051, "grpc"),
+    ("client", 9001, "tcp"),
+)
+BENCH = Scenario(
+    name="bench",
+    services=tuple(
+        ServiceSpec(
+            namespace="bench",
+            name=name,
+            port=port,
+            protocol=protocol,
+            app="bench",
+            replicas=0,
+            first_node=0 if name == "client" else 1,
+            policy=_BENCH_POLICY,
+            client=name == "client",
+        )
+        for name, port, protocol in _BENCH_PATHS
+    ),
+)
+SCENARIOS = {DEMO.name: DEMO, BENCH.name: BENCH}
 
 
 def scenario(name: str) -> Scenario:
