@@ -69,6 +69,7 @@ MESHLET_FIELDS = (
     "trace_id",
     "route",
     "service",
+    "grpc_status",
 )
 FIELDS = ENVOY_FIELDS + MESHLET_FIELDS
 
@@ -119,6 +120,7 @@ class AccessLogEntry:
     trace_id: str | None = None
     route: str | None = None
     service: str | None = None
+    grpc_status: int | None = None  # gRPC calls: the grpc-status of the answer (Envoy's name)
 
 
 @functools.lru_cache(maxsize=8)
@@ -171,6 +173,7 @@ def _as_dict(e: AccessLogEntry) -> dict[str, Any]:
         "trace_id": e.trace_id,
         "route": e.route,
         "service": e.service,
+        "grpc_status": e.grpc_status,
     }
 
 
@@ -183,7 +186,12 @@ def _scrub(value: Any) -> Any:
 
 def render(entry: AccessLogEntry) -> bytes:
     """One line of JSON ending in ``\\n``, fields in ``FIELDS`` order."""
-    record = _as_dict(entry)
+    return render_mapping(_as_dict(entry))
+
+
+def render_mapping(record: dict[str, Any]) -> bytes:
+    """``render`` for a caller that built the fields itself (formatted as ``render``
+    formats an entry's, in ``FIELDS`` order): the per-request path skips the entry."""
     try:
         return _DUMPS(record, option=_NEWLINE)
     except orjson.JSONEncodeError:  # a str that is not valid Unicode; rare, so slow is fine

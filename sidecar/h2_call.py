@@ -381,6 +381,8 @@ class Call(StreamHandler):
             log.exception("HTTP/2 request bookkeeping failed")
         rec = self.rec
         rec.bytes_received = self.received
+        if self.grpc:
+            rec.grpc_status = self.grpc_status
         finish(rec, self.metrics, self.sink, self.loop.time())
         if self.grpc and self.grpc_status is not None:
             self.metrics.grpc_response(

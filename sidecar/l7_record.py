@@ -60,6 +60,7 @@ class Record:
     destination_identity: str | None = None
     attempts: int = 0
     trace_id: str | None = None
+    grpc_status: int | None = None
 
     def of_request(self, req: Request, lookup: dict[bytes, bytes]) -> None:
         self.method = req.method
@@ -99,5 +100,6 @@ def finish(rec: Record, metrics: SidecarMetrics, sink: AccessLogSink, now: float
             trace_id=rec.trace_id,
             route=rec.route if rec.route != "-" else None,
             service=rec.service,
+            grpc_status=rec.grpc_status,
         )
     )

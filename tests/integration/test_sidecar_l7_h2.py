@@ -556,6 +556,7 @@ def test_one_access_log_line_per_call_on_both_sidecars_and_grpc_metrics(mesh: H2
     assert entry["route"] == "all" and entry["service"] == "shop/orders"
     assert entry["bytes_received"] == 11 and entry["bytes_sent"] == 11  # 5-byte frame + 6
     assert entry["destination_identity"] == "spiffe://h2.test/ns/shop/sa/orders"
+    assert entry["grpc_status"] == 0
     replica = next(
         mesh.sidecars[n] for n, a in H2_REPLICAS
         if entry["upstream_host"] == f"{a}:{mesh.sidecars[n].inbound_port}"
@@ -564,7 +565,7 @@ def test_one_access_log_line_per_call_on_both_sidecars_and_grpc_metrics(mesh: H2
     inbound = line(replica)
     assert inbound["direction"] == "inbound" and inbound["protocol"] == "HTTP/2"
     assert inbound["source_identity"] == "spiffe://h2.test/ns/shop/sa/web"
-    assert inbound["trace_id"] == entry["trace_id"]
+    assert inbound["trace_id"] == entry["trace_id"] and inbound["grpc_status"] == 0
     text = mesh.web.metrics()
     assert metric(text, "meshlet_grpc_response_total", direction="outbound",
                   service="shop/orders", route="all", grpc_status="0") >= 1  # fmt: skip

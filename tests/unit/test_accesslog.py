@@ -99,6 +99,7 @@ def test_one_line_of_valid_json_with_every_envoy_field_in_a_fixed_order() -> Non
         "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
         "route": "default",
         "service": "shop/orders",
+        "grpc_status": None,
     }
 
 
