@@ -79,7 +79,9 @@ def start_mesh(tmp: Path) -> Mesh:
             name = f"orders-{i}"
             port = free_port()
             apps[name] = echo_app(name, "127.0.0.1", port, tmp)
-            orders[name] = Sidecar(cp, tmp, "shop/orders", port, address=address, name=name, protocol="tcp").start()
+            orders[name] = Sidecar(
+                cp, tmp, "shop/orders", port, address=address, name=name, protocol="tcp"
+            ).start()
         apps["web"] = echo_app("web", "127.0.0.1", web_port, tmp)  # the caller's own app
         web.start()
         for sc in [*orders.values(), web]:
