@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 import types
 from collections import deque
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar
 
 import httptools
 
@@ -120,7 +120,7 @@ class Connection(Generic[E, P]):
         """The next event, or a ``Wait`` saying what the shell must do first. Raises
         ``HttpError`` (again on every later call) when the input must be refused."""
         if self._events:
-            return cast(E, self._events.popleft())
+            return self._events.popleft()  # type: ignore[no-any-return]  # an E
         if self._error is not None:
             raise self._error
         try:
@@ -131,12 +131,12 @@ class Connection(Generic[E, P]):
             self._phase = Phase.FAILED
             raise self._error from None
         if self._events:
-            return cast(E, self._events.popleft())
+            return self._events.popleft()  # type: ignore[no-any-return]  # an E
         phase = self._phase
         if phase is Phase.DONE:
             return PAUSED
         if phase is Phase.CLOSED:
-            return cast(E, CONNECTION_CLOSED)
+            return CONNECTION_CLOSED  # type: ignore[return-value]  # every E has it
         if phase is Phase.SWITCHED:
             return SWITCHED
         return NEED_DATA

@@ -24,6 +24,7 @@ from sidecar.http1_model import (
     NOT_IN_HEADERS,
     NOT_IN_TRAILERS,
     BodyKind,
+    Headers,
     Informational,
     ParsedHeaders,
     Request,
@@ -103,10 +104,13 @@ def serialize_request(
     add: Iterable[tuple[bytes, bytes]] = (),
     drop: Collection[bytes] = (),
     keep_alive: bool | None = None,
+    headers: Headers | None = None,
 ) -> bytes:
     """The request head to send upstream: ``req.headers`` minus ``drop`` (lower-case
     names) plus ``add``, then framing and connection options from the fields.
-    ``keep_alive`` overrides ``req.keep_alive`` (the upstream leg is the proxy's own).
+    ``keep_alive`` overrides ``req.keep_alive`` (the upstream leg is the proxy's own);
+    ``headers`` replaces ``req.headers`` (trusted only if a ``ParsedHeaders``, as
+    always), which spares a caller that filtered them a copy of the request.
     Raises ValueError for a head the strict parser would refuse."""
     method, target = req.method.encode("ascii"), req.target.encode("latin-1")
     if not rules.is_token(method):
@@ -121,7 +125,8 @@ def serialize_request(
     if req.upgrade and req.version != "1.1":
         raise ValueError("cannot serialize request: Upgrade needs HTTP/1.1")
     parts = [b"%s %s HTTP/%s\r\n" % (method, target, req.version.encode())]
-    names = _fields(parts, req.headers, add, drop, NOT_IN_HEADERS, "request")
+    fields = req.headers if headers is None else headers
+    names = _fields(parts, fields, add, drop, NOT_IN_HEADERS, "request")
     if names.count(b"host") > 1 or (req.version == "1.1" and b"host" not in names):
         raise ValueError("cannot serialize request: it needs one host header (HTTP/1.1)")
     if req.body is BodyKind.LENGTH:

@@ -50,6 +50,12 @@ log = logging.getLogger(__name__)
 DISCARD_LIMIT = 64 * 1024  # a retried response body up to this is read away (connection kept)
 
 
+def pool_key(endpoint: Endpoint) -> tuple[str, str, int, str]:
+    """The pool's key for an endpoint's sidecar: a changed address or identity is another
+    peer, whose connections are not shared with the old one's."""
+    return (endpoint.id, endpoint.address, endpoint.inbound_port, endpoint.identity)
+
+
 class Overflow(Exception):
     """The circuit breaker refused: too many ``kind`` in flight."""
 
@@ -118,8 +124,7 @@ class Tries:
             finally:
                 breaker.release(Kind.PENDING)
 
-        key = (endpoint.id, endpoint.address, endpoint.inbound_port, endpoint.identity)
-        return await self.pool.acquire(key, connect, fresh=fresh)
+        return await self.pool.acquire(pool_key(endpoint), connect, fresh=fresh)
 
     async def run(
         self,
@@ -143,9 +148,12 @@ class Tries:
         self.clusters.starting(cluster, endpoint)
         started = loop.time()
         fresh = False
+        key = pool_key(endpoint)
         while True:
             try:
-                conn = await self.connection(endpoint, cluster, until, fresh)
+                conn = None if fresh else self.pool.take_idle(key)
+                if conn is None:
+                    conn = await self.connection(endpoint, cluster, until, fresh)
             except ConnectFailed as e:
                 self.metrics.connect_errors.labels(rec.service, e.reason).inc()
                 self.answered(cluster, endpoint, None, False)

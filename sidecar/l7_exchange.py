@@ -16,7 +16,6 @@ byte the parser did not release, or keep a connection whose request failed to pa
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Any
 
 from sidecar.http1 import (
     CONTINUE,
+    END_OF_MESSAGE,
     NEED_DATA,
     BodyKind,
     ConnectionClosed,
@@ -151,16 +151,22 @@ async def serve_downstream(
         parser.start_next()
 
 
+def no_body(down: Channel[RequestParser]) -> Body:
+    """The end of a request without a body (``req.body is BodyKind.NONE``), taken from
+    the parser, where it is already queued: no wait, so no coroutine either."""
+    event = down.parser.next_event()
+    if event is not END_OF_MESSAGE and not isinstance(event, EndOfMessage):
+        raise RuntimeError(f"expected the end of a bodiless request, not {event!r}")
+    return Body(complete=True)
+
+
 async def read_body(down: Channel[RequestParser], req: Request, limit: int, idle_s: float) -> Body:
     """Hold the request body if it is at most ``limit`` bytes (``complete``); else hold
     its first bytes and leave the rest in the parser (``send_request`` streams it).
     Answers ``100 Continue`` first when the client waits for it. Raises ``Gone`` (the
     client left or sent nothing for ``idle_s``) and ``HttpError`` (a malformed body)."""
     if req.body is BodyKind.NONE:
-        event = down.parser.next_event()  # EndOfMessage is already queued
-        if not isinstance(event, EndOfMessage):
-            raise RuntimeError(f"expected the end of a bodiless request, not {event!r}")
-        return Body(complete=True)
+        return no_body(down)
     if req.expect_continue:
         down.write(CONTINUE)
     body = Body()
@@ -226,8 +232,7 @@ def request_head(
     """The head to send upstream (always keep-alive: that leg is the proxy's own):
     the request's headers without the names in ``replace``, then ``add``."""
     kept = req.headers
-    if any(name in replace for name, _ in kept):
+    if not replace.isdisjoint([name for name, _ in kept]):
         # A subset of what the parser produced is still what it produced: trusted as is.
         kept = ParsedHeaders([h for h in kept if h[0] not in replace])
-        req = dataclasses.replace(req, headers=kept)
-    return serialize_request(req, add=add, keep_alive=True)
+    return serialize_request(req, add=add, keep_alive=True, headers=kept)

@@ -29,10 +29,18 @@ from sidecar.accesslog import Direction, ResponseFlag
 from sidecar.accesslog_sink import AccessLogSink
 from sidecar.catalog import Catalog
 from sidecar.config import SidecarConfig
-from sidecar.http1 import MAX_HEADER_BYTES, MAX_HEADERS, HttpError, Request, RequestParser
+from sidecar.http1 import (
+    MAX_HEADER_BYTES,
+    MAX_HEADERS,
+    BodyKind,
+    HttpError,
+    Request,
+    RequestParser,
+)
 from sidecar.l7_exchange import (
     Gone,
     local_reply,
+    no_body,
     read_body,
     request_head,
     send_rest,
@@ -221,14 +229,17 @@ class L7Inbound:
         rec.request_id, rec.trace_id = text(request_id), outgoing.trace_id
         head = request_head(req, add, _REPLACED_AND_ID if added else _REPLACED)
         idle_s = self._idle_s()
-        try:
-            body = await read_body(down, req, MAX_BODY_HELD, idle_s)
-        except HttpError as e:
-            self.metrics.http_errors.labels("inbound", "downstream", str(e.status)).inc()
-            rec.flags.append(ResponseFlag.DOWNSTREAM_PROTOCOL_ERROR)
-            down.write(local_reply(e.status, e.reason, keep_alive=False))
-            rec.status = e.status
-            return False
+        if req.body is BodyKind.NONE:  # the common GET: its end is already parsed
+            body = no_body(down)
+        else:
+            try:
+                body = await read_body(down, req, MAX_BODY_HELD, idle_s)
+            except HttpError as e:
+                self.metrics.http_errors.labels("inbound", "downstream", str(e.status)).inc()
+                rec.flags.append(ResponseFlag.DOWNSTREAM_PROTOCOL_ERROR)
+                down.write(local_reply(e.status, e.reason, keep_alive=False))
+                rec.status = e.status
+                return False
         if body.complete:
             rec.bytes_received = body.size
         replayable = body.complete and is_idempotent(req.method)
@@ -240,7 +251,9 @@ class L7Inbound:
         while True:
             started = loop.time()
             try:
-                conn = await self._app_connection(fresh)
+                conn = None if fresh else self.pool.take_idle(_APP)
+                if conn is None:
+                    conn = await self._app_connection(fresh)
             except (OSError, TimeoutError) as e:
                 self.metrics.connect_errors.labels(self.service_key, "app_unreachable").inc()
                 log.warning(

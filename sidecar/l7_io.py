@@ -52,12 +52,11 @@ class Waker:
         condition before calling: a wake while nobody waits is not remembered."""
         loop = self._loop
         handle = None
+        if until is not None and until <= loop.time():
+            return False
         fut: asyncio.Future[bool] = loop.create_future()
         if until is not None:
-            delay = until - loop.time()
-            if delay <= 0:
-                return False
-            handle = loop.call_later(delay, _expire, fut)
+            handle = loop.call_at(until, _expire, fut)
         self._fut = fut
         try:
             return await fut

@@ -33,7 +33,7 @@ from sidecar.accesslog import Direction, ResponseFlag
 from sidecar.accesslog_sink import AccessLogSink
 from sidecar.breaker import Kind
 from sidecar.catalog import Catalog
-from sidecar.clusters import Clusters
+from sidecar.clusters import Cluster, Clusters
 from sidecar.http1 import (
     BodyKind,
     HttpError,
@@ -45,6 +45,7 @@ from sidecar.l7_attempt import Failure, Overflow, Tries
 from sidecar.l7_exchange import (
     Gone,
     local_reply,
+    no_body,
     read_body,
     request_head,
     serve_downstream,
@@ -192,10 +193,11 @@ class L7Outbound:
         if ended == "header_timeout":
             self.metrics.http_errors.labels("outbound", "downstream", "header_timeout").inc()
 
-    def _state(self, service: Service) -> _ServiceState:
-        st = self._states.get(service.key)
+    def _state(self, service: Service, key: str) -> _ServiceState:
+        """``key`` is ``service.key`` (a property that formats it: the caller has it)."""
+        st = self._states.get(key)
         if st is None:
-            st = self._states[service.key] = _ServiceState(service, self.rt)
+            st = self._states[key] = _ServiceState(service, self.rt)
         elif st.service is not service:
             st.adopt(service, self.rt)
         return st
@@ -259,7 +261,7 @@ class L7Outbound:
             return self._reply(
                 down, req, rec, 503, msg, ResponseFlag.NO_HEALTHY_UPSTREAM, body_read=False
             )
-        st = self._state(service)
+        st = self._state(service, rec.service)
         route = st.table.match(req.method, req.target, lookup)
         rec.route = route.name if route is not None else "-"
         self.metrics.http_request("outbound", rec.service, rec.route)
@@ -273,7 +275,9 @@ class L7Outbound:
         if not breaker.try_acquire(Kind.REQUESTS):
             return self._overflow(down, req, rec, Kind.REQUESTS, body_read=False)
         try:
-            return await self._forward(down, req, lookup, rec, client_ip, service, st, route)
+            return await self._forward(
+                down, req, lookup, rec, client_ip, service, st, route, cluster
+            )
         finally:
             breaker.release(Kind.REQUESTS)
 
@@ -302,6 +306,7 @@ class L7Outbound:
         service: Service,
         st: _ServiceState,
         route: Route,
+        cluster: Cluster,
     ) -> bool:
         loop = asyncio.get_running_loop()
         clock, rng = self.rt.clock, self.rt.rng
@@ -322,13 +327,18 @@ class L7Outbound:
         rec.request_id, rec.trace_id = text(request_id), outgoing.trace_id
         rec.x_forwarded_for = text(xff)
         head = request_head(req, add, _REPLACED_AND_ID if added else _REPLACED)
-        try:
-            body = await read_body(down, req, policy.retries.max_body_bytes, policy.timeouts.idle_s)
-        except HttpError as e:  # a malformed body: answered, and the connection closes
-            self.metrics.http_errors.labels("outbound", "downstream", str(e.status)).inc()
-            flag = ResponseFlag.DOWNSTREAM_PROTOCOL_ERROR
-            self._reply(down, req, rec, e.status, e.reason, flag, body_read=False)
-            return False
+        if req.body is BodyKind.NONE:  # the common GET: its end is already parsed
+            body = no_body(down)
+        else:
+            try:
+                body = await read_body(
+                    down, req, policy.retries.max_body_bytes, policy.timeouts.idle_s
+                )
+            except HttpError as e:  # a malformed body: answered, and the connection closes
+                self.metrics.http_errors.labels("outbound", "downstream", str(e.status)).inc()
+                flag = ResponseFlag.DOWNSTREAM_PROTOCOL_ERROR
+                self._reply(down, req, rec, e.status, e.reason, flag, body_read=False)
+                return False
         if body.complete:
             rec.bytes_received = body.size
             body_size: int | None = body.size
@@ -341,7 +351,6 @@ class L7Outbound:
         hash_header = policy.balancing.hash_header
         hash_key = lookup.get(hash_header.lower().encode()) if hash_header else None
         replayable = body.complete and (policy.retries.non_idempotent or is_idempotent(req.method))
-        cluster = self.clusters.cluster(service, self.catalog())
         while True:
             endpoints = self.catalog().endpoints(service)
             subset = st.table.select_backend(route, endpoints, rng)

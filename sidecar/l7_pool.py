@@ -110,12 +110,9 @@ class Pool:
         """An idle connection for ``key`` (unless ``fresh``), else a new one from
         ``connect()`` (whose exceptions pass through)."""
         if not fresh:
-            idle = self._idle.get(key)
-            while idle:
-                conn = idle.pop()
-                if conn.usable:
-                    return conn
-                self._drop(conn)
+            conn = self.take_idle(key)
+            if conn is not None:
+                return conn
         side = await connect()
         conn = UpstreamConn(self, key, side)
         self._open.add(conn)
@@ -126,6 +123,17 @@ class Pool:
         closed.add_done_callback(lambda _: self._gone(conn))
         conn.channel.start()
         return conn
+
+    def take_idle(self, key: Hashable) -> UpstreamConn | None:
+        """An idle, usable connection for ``key`` (most recently used first), or None;
+        without a wait, for the callers that try this before ``acquire``."""
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if conn.usable:
+                return conn
+            self._drop(conn)
+        return None
 
     def release(self, conn: UpstreamConn, reusable: bool) -> None:
         """The exchange on ``conn`` is over; keep it for the next one if ``reusable``."""

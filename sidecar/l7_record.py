@@ -21,7 +21,10 @@ from sidecar.metrics import SidecarMetrics
 
 def header_lookup(headers: Headers) -> dict[bytes, bytes]:
     """Request headers by (lower-case) name; a repeated one joined with ", " (RFC 9110)."""
-    out: dict[bytes, bytes] = {}
+    out = dict(headers)
+    if len(out) == len(headers):  # no name repeated: the usual case, built in C
+        return out
+    out = {}
     for name, value in headers:
         if name in out:
             out[name] = out[name] + b", " + value

@@ -192,7 +192,7 @@ async def respond(
             keep = False
     if add:
         names = {name for name, _ in add}
-        if any(name in names for name, _ in out.headers):  # ours replace the upstream's
+        if not names.isdisjoint([name for name, _ in out.headers]):  # ours replace theirs
             kept = ParsedHeaders([h for h in out.headers if h[0] not in names])
             out = dataclasses.replace(out, headers=kept)
     head = serialize_response(out, add=add, keep_alive=keep)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import random
 import re
-import uuid
 from dataclasses import dataclass
 
 from sidecar.routing import HeaderLookup
@@ -51,9 +50,16 @@ _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
 
 
+# UUID4 bits (RFC 9562 §5.4): the version nibble 4 and the variant 10, as uuid.UUID sets.
+_UUID4_CLEAR = ~((0xC000 << 48) | (0xF000 << 64))
+_UUID4_SET = (0x8000 << 48) | (4 << 76)
+
+
 def new_request_id(rng: random.Random) -> bytes:
-    """A UUID4 (version and variant bits set) drawn from ``rng``."""
-    return str(uuid.UUID(int=rng.getrandbits(128), version=4)).encode("ascii")
+    """A UUID4 (version and variant bits set) drawn from ``rng``; the same text
+    ``str(uuid.UUID(int=..., version=4))`` gives, without building the UUID."""
+    h = b"%032x" % ((rng.getrandbits(128) & _UUID4_CLEAR) | _UUID4_SET)
+    return b"%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
 
 
 def ensure_request_id(headers: HeaderLookup, rng: random.Random) -> tuple[bytes, bool]:
@@ -140,8 +146,22 @@ def next_hop(incoming: Traceparent | None, rng: random.Random) -> Traceparent:
     a new sampled trace."""
     span = f"{_nonzero_bits(rng, 64):016x}"
     if incoming is None:
-        return Traceparent(f"{_nonzero_bits(rng, 128):032x}", span, SAMPLED)
-    return Traceparent(incoming.trace_id, span, incoming.flags & SAMPLED)
+        return _trusted(f"{_nonzero_bits(rng, 128):032x}", span, SAMPLED)
+    return _trusted(incoming.trace_id, span, incoming.flags & SAMPLED)
+
+
+_new_traceparent = object.__new__
+_set = object.__setattr__
+
+
+def _trusted(trace_id: str, span: str, flags: int) -> Traceparent:
+    """A Traceparent from parts known to be valid (a checked trace id, fresh non-zero
+    hex ids): the per-request hot path skips ``__post_init__``'s regular expressions."""
+    tp = _new_traceparent(Traceparent)
+    _set(tp, "trace_id", trace_id)
+    _set(tp, "parent_id", span)
+    _set(tp, "flags", flags)
+    return tp
 
 
 def tracestate_to_forward(incoming: Traceparent | None, tracestate: bytes | None) -> bytes | None:

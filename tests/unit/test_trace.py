@@ -175,3 +175,13 @@ def test_x_forwarded_for_appends_the_client() -> None:
     assert x_forwarded_for(b"", "127.0.0.1") == b"127.0.0.1"
     assert x_forwarded_for(b"198.18.0.1", "127.0.0.1") == b"198.18.0.1, 127.0.0.1"
     assert x_forwarded_for(b"198.18.0.1, 198.18.0.2 ", "::1") == b"198.18.0.1, 198.18.0.2, ::1"
+
+
+def test_request_ids_and_trace_ids_are_what_uuid_and_the_validating_constructor_give() -> None:
+    for seed in range(300):
+        got, _ = ensure_request_id({}, random.Random(seed))
+        want = uuid.UUID(int=random.Random(seed).getrandbits(128), version=4)
+        assert got == str(want).encode()
+        hop = next_hop(Traceparent(TRACE, SPAN, seed % 2), random.Random(seed))
+        again = Traceparent(hop.trace_id, hop.parent_id, hop.flags)  # validates
+        assert hop == again and hash(hop) == hash(again) and hop.format() == again.format()
