@@ -37,7 +37,7 @@ from sidecar.h2_outbound import H2Outbound
 from sidecar.identity import Identity
 from sidecar.inbound import Inbound
 from sidecar.l7_inbound import L7Inbound
-from sidecar.l7_outbound import L7Outbound
+from sidecar.l7_outbound import L7Outbound, ServiceState
 from sidecar.metrics import SidecarMetrics
 from sidecar.outbound import Open, Outbound
 from sidecar.registration import Registrar
@@ -150,7 +150,9 @@ async def run(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> None:
         access_log = AccessLogSink(cfg.access_log)
     except OSError as e:
         raise InputError(f"--access-log {cfg.access_log}: {e.strerror}") from None
+    service_states: dict[str, ServiceState] = {}  # one retry budget per service, h1 and h2
     l7_outbound = L7Outbound(
+        states=service_states,
         catalog=lambda: discovery.catalog,
         clusters=clusters,
         contexts=lambda: identity.contexts,
@@ -169,6 +171,7 @@ async def run(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> None:
         header_timeout_s=cfg.http_header_timeout_s,
     )
     h2_outbound = H2Outbound(
+        states=service_states,
         catalog=lambda: discovery.catalog,
         clusters=clusters,
         contexts=lambda: identity.contexts,

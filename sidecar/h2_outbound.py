@@ -35,7 +35,7 @@ from sidecar.h2_pool import Dial, H2Pool
 from sidecar.h2conn import H2Connection, H2Stream
 from sidecar.identity import ALPN_H2, Contexts
 from sidecar.l7_attempt import Overflow
-from sidecar.l7_outbound import _ServiceState
+from sidecar.l7_outbound import ServiceState
 from sidecar.metrics import SidecarMetrics
 from sidecar.relay import PlainSide, Side
 
@@ -54,6 +54,7 @@ class H2Outbound:
         access_log: AccessLogSink,
         limits: H2Limits | None = None,
         pool: H2Pool | None = None,
+        states: dict[str, ServiceState] | None = None,
     ) -> None:
         self.catalog = catalog
         self.clusters = clusters
@@ -65,7 +66,7 @@ class H2Outbound:
         self.pool = pool or H2Pool(
             idle_timeout_s=MESH_IDLE_TIMEOUT_S, on_open=self._pool_open, on_close=self._pool_close
         )
-        self._states: dict[str, _ServiceState] = {}
+        self._states: dict[str, ServiceState] = {} if states is None else states  # shared
 
     def close(self) -> None:
         self.pool.abort_all()
@@ -93,10 +94,10 @@ class H2Outbound:
                 conn.abort()
             count_error(self.metrics, "outbound", conn)
 
-    def state(self, service: Service) -> _ServiceState:
+    def state(self, service: Service) -> ServiceState:
         st = self._states.get(service.key)
         if st is None:
-            st = self._states[service.key] = _ServiceState(service, self.rt)
+            st = self._states[service.key] = ServiceState(service, self.rt)
         elif st.service is not service:
             st.adopt(service, self.rt)
         return st

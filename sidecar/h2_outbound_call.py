@@ -51,7 +51,7 @@ from sidecar.h2_outbound_retry import RetryingCall
 from sidecar.h2_pool import MAX_ROUNDS
 from sidecar.h2conn import H2Connection, H2Stream
 from sidecar.l7_attempt import Overflow
-from sidecar.l7_outbound import _ServiceState
+from sidecar.l7_outbound import ServiceState
 from sidecar.l7_record import Record, text
 from sidecar.l7policy import (
     ATTEMPTS_HEADER,
@@ -97,7 +97,7 @@ class OutboundCall(RetryingCall):
 
     __slots__ = ("client_ip", "hash_key", "route", "st", "up_headers")
     # Set in ``start`` (read only after it ran), with the parent's service, cluster, state:
-    st: _ServiceState
+    st: ServiceState
     route: Route
     hash_key: bytes | None
     up_headers: Headers

@@ -94,8 +94,10 @@ _REPLACED = frozenset({TRACEPARENT, TRACESTATE, X_FORWARDED_FOR, b"expect", ATTE
 _REPLACED_AND_ID = _REPLACED | {REQUEST_ID}
 
 
-class _ServiceState:
-    """Per upstream service: the compiled routes, the retry budget, subset keys."""
+class ServiceState:
+    """Per upstream service: the compiled routes, the retry budget, subset keys. One per
+    service for the HTTP/1.1 and HTTP/2 proxies together (``states=``), so retries of
+    both count against the same budget."""
 
     __slots__ = ("budget", "keys", "service", "table")
 
@@ -143,6 +145,7 @@ class L7Outbound:
         access_log: AccessLogSink,
         header_timeout_s: float = HEADER_TIMEOUT_S,
         pool: Pool | None = None,
+        states: dict[str, ServiceState] | None = None,
     ) -> None:
         self.catalog = catalog
         self.clusters = clusters
@@ -159,7 +162,8 @@ class L7Outbound:
             metrics=metrics,
             clock=runtime.clock,
         )
-        self._states: dict[str, _ServiceState] = {}
+        # Per upstream service; shared with the HTTP/2 proxy (one retry budget per service).
+        self._states: dict[str, ServiceState] = {} if states is None else states
 
     def close(self) -> None:
         self.pool.abort_all()
@@ -193,11 +197,11 @@ class L7Outbound:
         if ended == "header_timeout":
             self.metrics.http_errors.labels("outbound", "downstream", "header_timeout").inc()
 
-    def _state(self, service: Service, key: str) -> _ServiceState:
+    def _state(self, service: Service, key: str) -> ServiceState:
         """``key`` is ``service.key`` (a property that formats it: the caller has it)."""
         st = self._states.get(key)
         if st is None:
-            st = self._states[key] = _ServiceState(service, self.rt)
+            st = self._states[key] = ServiceState(service, self.rt)
         elif st.service is not service:
             st.adopt(service, self.rt)
         return st
@@ -304,7 +308,7 @@ class L7Outbound:
         rec: Record,
         client_ip: str,
         service: Service,
-        st: _ServiceState,
+        st: ServiceState,
         route: Route,
         cluster: Cluster,
     ) -> bool:
