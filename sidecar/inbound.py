@@ -14,6 +14,7 @@ handler (``h2``, ``sidecar.h2_inbound``); one without ALPN is relayed byte for b
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -119,12 +120,19 @@ class Inbound:
         if der is None:
             self._refuse(leg, "no_certificate", "the caller presented no certificate")
             return
-        verdict = check_identity(
-            x509.load_der_x509_certificate(der), Expectation(trust_domain=self.trust_domain)
-        )
+        leaf = x509.load_der_x509_certificate(der)
+        verdict = check_identity(leaf, Expectation(trust_domain=self.trust_domain))
         if not verdict.ok or verdict.spiffe_id is None:
             self._refuse(leg, verdict.reason.value, verdict.detail)
             return
+        if leg.session_reused():
+            # A resumed session skipped chain verification (the trust bundle cannot have
+            # changed: a new bundle means a new context with new ticket keys), but the
+            # caller's leaf may have expired since its full handshake.
+            if leaf.not_valid_after_utc <= dt.datetime.now(dt.UTC):
+                self._refuse(leg, "expired", f"{verdict.spiffe_id} resumed an expired session")
+                return
+            self.metrics.tls_resumed.labels("inbound").inc()
         own = self.catalog().services.get(self.service_key)
         allowed = own.policy.allowed_callers if own is not None else None
         if not caller_allowed(verdict.spiffe_id, allowed, self.trust_domain):

@@ -87,6 +87,12 @@ class SidecarMetrics:
             ["direction", "reason"],
             registry=r,
         )
+        self.tls_resumed = Counter(
+            "meshlet_tls_resumed",
+            "mTLS connections between sidecars that resumed a TLS session (no full handshake).",
+            ["direction"],
+            registry=r,
+        )
         self.overflows = Counter(
             "meshlet_breaker_overflow",
             "Connections refused by the circuit breaker.",

@@ -34,7 +34,7 @@ from sidecar.breaker import Kind
 from sidecar.catalog import Catalog
 from sidecar.clusters import Cluster, Clusters
 from sidecar.config import SidecarConfig, UnknownDestination, Upstream
-from sidecar.connect import ConnectFailed, open_mtls
+from sidecar.connect import ConnectFailed, SessionCache, open_mtls
 from sidecar.detect import Detected, classify, h2_or_http1
 from sidecar.identity import Contexts
 from sidecar.metrics import DetectionMetrics, SidecarMetrics
@@ -80,6 +80,7 @@ class Outbound:
         self.connections = connections
         self.servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self.sessions = SessionCache()  # TLS sessions to resume, per endpoint and context
 
     # ---- listeners -------------------------------------------------------------------------
 
@@ -254,7 +255,15 @@ class Outbound:
         cluster.breaker.release(Kind.CONNECTIONS)
 
     async def _open(self, endpoint: Endpoint, service: Service) -> TlsLeg:
-        return await open_mtls(endpoint, self.contexts().client, service.policy.timeouts.connect_s)
+        leg = await open_mtls(
+            endpoint,
+            self.contexts().client,
+            service.policy.timeouts.connect_s,
+            sessions=self.sessions,
+        )
+        if leg.session_reused():
+            self.metrics.tls_resumed.labels("outbound").inc()
+        return leg
 
     def _relay(
         self,

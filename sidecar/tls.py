@@ -19,7 +19,10 @@ from pathlib import Path
 from meshlet.errors import CertificateError
 
 # Each server handshake ends with a session ticket: a TlsLeg client takes that first
-# post-handshake record as proof that the server accepted its certificate.
+# post-handshake record as proof that the server accepted its certificate. OpenSSL sends
+# one after a resumed handshake too, so resumption keeps that proof. The ticket keys are
+# made per context: a new context (a new leaf or trust bundle) refuses every ticket
+# issued before it, so no session outlives the bundle that verified its peer.
 SERVER_TICKETS = 1
 
 

@@ -72,11 +72,13 @@ class TlsLeg(TransportSide):
         handshake_timeout_s: float = 5.0,
         server_hostname: str | None = None,
         hold_until_accept: bool = False,
+        session: ssl.SSLSession | None = None,
     ) -> None:
         super().__init__()
         self._ctx = context
         self._server_side = server_side
         self._hostname = server_hostname
+        self._offer = session  # client: a session to resume (``sidecar.connect`` caches them)
         self._timeout_s = handshake_timeout_s
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
@@ -104,6 +106,17 @@ class TlsLeg(TransportSide):
             return None
         return self._ssl.getpeercert(binary_form=True)
 
+    def session(self) -> ssl.SSLSession | None:
+        """Client: the session to offer next time, once the handshake succeeded (the server's
+        ticket is then in it: ``handshake`` resolves after that record)."""
+        if self._ssl is None or self._state != _OPEN or self._server_side:
+            return None
+        return self._ssl.session
+
+    def session_reused(self) -> bool:
+        """Whether this connection resumed an earlier session (no certificates exchanged)."""
+        return self._ssl is not None and self._state == _OPEN and self._ssl.session_reused
+
     def version(self) -> str | None:
         return self._ssl.version() if self._ssl is not None else None
 
@@ -125,6 +138,7 @@ class TlsLeg(TransportSide):
                 self._outgoing,
                 server_side=self._server_side,
                 server_hostname=self._hostname,
+                session=self._offer,
             )
         except (ssl.SSLError, ValueError) as e:
             self._fail("handshake_failure", str(e))
