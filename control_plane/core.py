@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from control_plane.registry import TABLES, Command, Config, State, apply
 from control_plane.store.base import Change, Delete, Op, Put, Store
@@ -114,10 +114,14 @@ class ControlPlane:
                     await self._changed.wait_for(lambda: self.revision > index)
         return self.revision
 
-    async def watch(self, since: int) -> AsyncIterator[list[Event]]:
-        """Events after ``since``, batch per revision; raises CompactedError when it is gone."""
-        async for batch in self.store.watch(since):
-            yield self._events(batch)
+    async def watch(
+        self, since: int, *, wake: asyncio.Event | None = None
+    ) -> AsyncGenerator[list[Event]]:
+        """Events after ``since``, batch per revision; raises CompactedError when it is gone.
+        With ``wake`` (the caller's event), setting it yields an empty batch if nothing came."""
+        async with contextlib.aclosing(self.store.watch(since, wake=wake)) as batches:
+            async for batch in batches:
+                yield self._events(batch)
 
     def _events(self, batch: Sequence[Change]) -> list[Event]:
         """``batch`` decoded, shared by every watcher (a revision's changes never change)."""

@@ -80,10 +80,15 @@ class DiscoveryServicer(mesh_pb2_grpc.DiscoveryServicer):
         self._wakers: set[asyncio.Event] = set()
         self._deltas: OrderedDict[int, bytes] = OrderedDict()
         self._snapshot: tuple[int, bytes] = (-1, b"")
+        # The last batch looked up and its answer: every stream asks with the same (shared,
+        # never mutated) list right after a commit. Holding it keeps its id from being reused.
+        self._last: tuple[Sequence[Event], list[tuple[int, bytes]]] = ((), [])
         self.closing = False
 
     def _encoded_deltas(self, batch: Sequence[Event]) -> list[tuple[int, bytes]]:
         """One encoded Delta per revision in ``batch``: encoded once, sent to every stream."""
+        if batch is self._last[0]:
+            return self._last[1]
         cache = self._deltas
         revisions = dict.fromkeys(ev.revision for ev in batch)
         if not all(r in cache for r in revisions):
@@ -91,7 +96,9 @@ class DiscoveryServicer(mesh_pb2_grpc.DiscoveryServicer):
                 cache[response.revision] = response.SerializeToString()
             while len(cache) > max(ENCODED_REVISIONS, len(revisions)):
                 cache.popitem(last=False)
-        return [(r, cache[r]) for r in revisions]
+        encoded = [(r, cache[r]) for r in revisions]
+        self._last = (batch, encoded)
+        return encoded
 
     def _encoded_snapshot(self) -> tuple[int, bytes]:
         """The current Snapshot, encoded once per revision (a reconnect storm asks for it often)."""
@@ -181,47 +188,44 @@ class DiscoveryServicer(mesh_pb2_grpc.DiscoveryServicer):
         if not resync and since == self._cp.revision:
             yield stamp(bookmark_response(since))  # nothing missed: still send the bundle now
         # The first response always carries the bundle; later ones only when it changed.
-        wake_task = asyncio.ensure_future(wake.wait())
+        # One wait point per stream: the watch itself, woken by a commit, by ``wake_all``
+        # (a bundle, shutdown) or by the bookmark timer, all through ``wake``.
+        timer: asyncio.TimerHandle | None = None
+
+        def ring() -> None:
+            nonlocal timer
+            timer = None
+            wake.set()
+
         try:
             while not self.closing:
                 if resync:
                     revision, raw = self._encoded_snapshot()
                     yield stamp(raw)
                     since, resync = revision, False
-                batches = aiter(self._cp.watch(since))
-                next_batch = asyncio.ensure_future(_next(batches))
-                try:
-                    while not self.closing and not resync:
+                async with contextlib.aclosing(self._cp.watch(since, wake=wake)) as batches:
+                    while not self.closing:
                         if sent_bundle and sent_bundle != self._authority.bundle_fingerprint:
                             yield stamp(bookmark_response(since))  # a new bundle, at once
-                        timeout = max(0.0, last_sent + self._interval - loop.time())
-                        done, _ = await asyncio.wait(
-                            {next_batch, wake_task},
-                            timeout=timeout,
-                            return_when=asyncio.FIRST_COMPLETED,
-                        )
-                        if wake_task in done:
-                            wake.clear()
-                            wake_task = asyncio.ensure_future(wake.wait())
-                        if next_batch in done:
-                            try:
-                                batch = next_batch.result()
-                            except CompactedError:
-                                resync = True  # fell behind the history: start over
-                                break
-                            if batch is None:
-                                return  # the store closed: the control plane is stopping
-                            for revision, raw in self._encoded_deltas(batch):
-                                yield stamp(raw)
-                                since = revision
-                            next_batch = asyncio.ensure_future(_next(batches))
-                        elif not done:
+                        due = last_sent + self._interval
+                        if loop.time() >= due:
                             yield stamp(bookmark_response(since))
-                finally:
-                    await _cancel(next_batch)
-                    await batches.aclose()  # type: ignore[attr-defined]
+                            due = last_sent + self._interval
+                        if timer is None:
+                            timer = loop.call_at(due, ring)
+                        try:
+                            batch = await anext(batches)
+                        except StopAsyncIteration:
+                            return  # the store closed: the control plane is stopping
+                        except CompactedError:
+                            resync = True  # fell behind the history: start over
+                            break
+                        for revision, raw in self._encoded_deltas(batch):
+                            yield stamp(raw)
+                            since = revision
         finally:
-            await _cancel(wake_task)
+            if timer is not None:
+                timer.cancel()
 
 
 class CertificateAuthorityServicer(mesh_pb2_grpc.CertificateAuthorityServicer):
@@ -275,20 +279,6 @@ async def _abort(
 ) -> NoReturn:
     await context.abort(code, details)
     raise AssertionError("unreachable: abort raises")
-
-
-async def _next(batches: AsyncIterator[list[Event]]) -> list[Event] | None:
-    """The next batch, or None when the watch ended (a task cannot end in StopAsyncIteration)."""
-    try:
-        return await anext(batches)
-    except StopAsyncIteration:
-        return None
-
-
-async def _cancel(task: asyncio.Future[Any]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
 
 
 # ---- the server --------------------------------------------------------------------------------

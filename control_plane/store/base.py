@@ -17,13 +17,16 @@ I/O.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from meshlet.errors import InputError, MeshError
+
+if TYPE_CHECKING:
+    import asyncio
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,9 +174,12 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def watch(self, since: int) -> AsyncIterator[list[Change]]:
+    def watch(
+        self, since: int, *, wake: asyncio.Event | None = None
+    ) -> AsyncGenerator[list[Change]]:
         """Changes after ``since``: the backlog first (one batch, skipped when empty), then
-        one batch per commit as it happens.
+        one batch per commit as it happens. With ``wake`` (the consumer's own event), setting
+        it also ends the wait for the next batch: an empty batch comes out when none is new.
 
         Raises CompactedError at once when ``since`` is compacted, and from the iterator
         when a consumer falls so far behind that its next change has been compacted. A slow

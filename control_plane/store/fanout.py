@@ -5,6 +5,10 @@ for a watcher. A watcher whose buffer overflows drops it and, when it next runs,
 what it missed from the store's change log instead (which raises CompactedError if that
 history is gone). Watchers therefore see every revision exactly once, in order.
 
+A watcher may hand in its own ``wake`` event (a gRPC stream also waits for bookmarks and
+bundle rotations): then anything that sets it wakes the watch too, and a wake with no new
+batch yields an empty batch, so the watcher has one wait point instead of a task per batch.
+
 This module never touches storage itself: it is given the backend's ``changes`` reader.
 """
 
@@ -12,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from control_plane.store.base import Change, split_by_revision
 from meshlet.errors import MeshError
@@ -23,11 +27,11 @@ ReadChanges = Callable[[int], Awaitable[list[Change]]]
 class _Subscription:
     __slots__ = ("buffer", "overflowed", "pending", "wake")
 
-    def __init__(self, buffer: int) -> None:
+    def __init__(self, buffer: int, wake: asyncio.Event | None) -> None:
         self.buffer = buffer
         self.pending: deque[list[Change]] = deque()
         self.overflowed = False
-        self.wake = asyncio.Event()
+        self.wake = asyncio.Event() if wake is None else wake
 
     def offer(self, batch: list[Change]) -> None:
         if not self.overflowed:
@@ -64,9 +68,12 @@ class Fanout:
         for sub in self._subs:
             sub.wake.set()
 
-    async def follow(self, since: int, read: ReadChanges) -> AsyncIterator[list[Change]]:
-        """The backlog after ``since`` as one batch, then one batch per revision."""
-        sub = _Subscription(self._buffer)
+    async def follow(
+        self, since: int, read: ReadChanges, *, wake: asyncio.Event | None = None
+    ) -> AsyncGenerator[list[Change]]:
+        """The backlog after ``since`` as one batch, then one batch per revision; with
+        ``wake``, also an empty batch whenever someone else set it and nothing came."""
+        sub = _Subscription(self._buffer, wake)
         self._subs.add(sub)  # before reading the backlog, so no commit falls in between
         try:
             backlog = await read(since)
@@ -74,6 +81,8 @@ class Fanout:
             if backlog:
                 last = backlog[-1].revision
                 yield backlog
+            elif wake is not None and wake.is_set():
+                yield []  # its owner woke it during the read: do not lose that
             while not self._closed:
                 if sub.overflowed:
                     sub.overflowed = False
@@ -95,5 +104,7 @@ class Fanout:
                 else:
                     sub.wake.clear()
                     await sub.wake.wait()
+                    if wake is not None and not (sub.pending or sub.overflowed or self._closed):
+                        yield []  # woken by its owner: a bookmark or a bundle is due
         finally:
             self._subs.discard(sub)

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import functools
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -119,12 +119,14 @@ class SqliteStore(Store):
         self._require_open()
         return await self._run("read changes", self._on_conn(sqlite_tx.changes), since)
 
-    def watch(self, since: int) -> AsyncIterator[list[Change]]:
+    def watch(
+        self, since: int, *, wake: asyncio.Event | None = None
+    ) -> AsyncGenerator[list[Change]]:
         check_since(since)
         self._require_open()
         if since < self._compacted:
             raise CompactedError(requested=since, compacted=self._compacted, current=self._revision)
-        return self._fanout.follow(since, self.changes)
+        return self._fanout.follow(since, self.changes, wake=wake)
 
     # -- writes ------------------------------------------------------------------------
 
