@@ -25,6 +25,10 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "apply": ("meshlet.ctl:apply", "create or update services from YAML"),
     "delete": ("meshlet.ctl:delete", "delete a service"),
     "sidecar": ("sidecar.cli:main", "the per-container sidecar proxy and its traffic interception"),
+    "node": ("node.cli:main", "the node helper: the VXLAN overlay and container attachment"),
+    "lab": ("node.lab_cli:main", "a multi-node mesh in network namespaces on this machine"),
+    "inject": ("compose.cli:inject", "add sidecars to a docker compose file"),
+    "uninject": ("compose.cli:uninject", "take the sidecars out of a docker compose file"),
 }
 
 
