@@ -24,10 +24,11 @@ to inject (the mesh namespace: identity ``spiffe://<trust-domain>/ns/NS/sa/<svc>
     ..., --app-port, PORT, (--app-protocol, P,) --dns, "127.0.0.53:15053", --admin,
     "127.0.0.1:15000", --node, "${MESHLET_NODE:-node1}", (--label, k=v, ...)]``; the
     moved settings; on each of the app's networks (``default`` when it named none) the
-    alias ``svc``, so containers still reach ``svc`` by name. It mounts the volume
-    ``meshlet-data`` read-only at /var/lib/meshlet-control-plane (``ca/bundle.pem``,
-    ``join-token``) and keeps its key in /var/lib/meshlet/NS-svc (the image lets uid
-    1337 write /var/lib/meshlet). Its healthcheck (python3 + urllib: the image has no
+    alias ``svc``, so containers still reach ``svc`` by name. It mounts only the volume
+    ``meshlet-public`` read-only at /var/lib/meshlet-public (``bundle.pem``,
+    ``join-token``: never ``meshlet-data``, which holds the CA's keys and the admin
+    token) and keeps its key in /var/lib/meshlet/NS-svc (the image lets uid 1337 write
+    /var/lib/meshlet). Its healthcheck (python3 + urllib: the image has no
     curl) reads ``/ready`` on the admin port and passes once the certificate and the
     mesh map are there, whether or not the app accepts yet: the app starts only after
     it passes. It depends on ``meshlet-control-plane`` (healthy). Its last keys are
@@ -48,14 +49,19 @@ to inject (the mesh namespace: identity ``spiffe://<trust-domain>/ns/NS/sa/<svc>
     ports, ``expose`` or ``hostname``.
 Added once, unless the file has a service of that name: ``meshlet-control-plane``
     (``meshlet control-plane run --data-dir /var/lib/meshlet --api 0.0.0.0:15080 --grpc
-    0.0.0.0:15010 --grpc-mtls 0.0.0.0:15012 --trust-domain TD`` as 1337:1337, volume
-    ``meshlet-data`` at /var/lib/meshlet, on ``default``, every sidecar's networks and
+    0.0.0.0:15010 --grpc-mtls 0.0.0.0:15012 --public-dir /var/lib/meshlet-public
+    --trust-domain TD`` as 1337:1337, volumes ``meshlet-data`` at /var/lib/meshlet and
+    ``meshlet-public`` at /var/lib/meshlet-public, on ``default``, every sidecar's networks and
     ``meshlet``; healthcheck on /readyz; gRPC port 15010 published on 127.0.0.1 for the
     node helper) and ``meshlet-node`` (``network_mode: host``, ``cap_add: [NET_ADMIN]``,
     ``meshlet node run --name ${MESHLET_NODE:-node1} --control-plane 127.0.0.1:15010
     --ca-bundle ... --join-token ... --underlay-address
-    ${MESHLET_UNDERLAY_ADDRESS:-127.0.0.1} --teardown-on-exit``; ``--no-node`` leaves it
-    out). Top level: the volume ``meshlet-data`` and the network ``meshlet`` (the
+    ${MESHLET_UNDERLAY_ADDRESS:-127.0.0.1} --teardown-on-exit``, ``meshlet-public``
+    read-only like a sidecar; ``--no-node`` leaves it out). A control plane of the user's
+    own must mount ``meshlet-public`` there and run with that ``--public-dir``. Top level:
+    the volumes ``meshlet-data`` and ``meshlet-public`` (a tmpfs, ``driver_opts`` ``o:
+    uid=1337,gid=1337,mode=0755``: the image has no directory there that 1337 owns, and
+    its two files are rewritten at every start) and the network ``meshlet`` (the
     control plane's, for tools outside the mesh that call its API), unless there, and
     ``x-meshlet-injected`` saying which of them inject added.
 Generated services follow the user's, in the order of their apps.

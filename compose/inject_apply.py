@@ -226,13 +226,17 @@ def add_top_level(root: CommentedMap) -> CommentedMap:
     """Add the volume and the network where missing; the record of what was added."""
     record = CommentedMap()
     created = []
-    for key, entry in (("networks", build.NETWORK), ("volumes", build.VOLUME)):
+    for key, entry, value in (
+        ("networks", build.NETWORK, None),
+        ("volumes", build.VOLUME, None),
+        ("volumes", build.PUBLIC_VOLUME, build.public_volume()),
+    ):
         if key not in root:
             root[key] = cmap()
             created.append(key)
         if entry not in root[key]:
-            root[key][entry] = None
-            record[key] = cseq([entry], flow=True)
+            root[key][entry] = value
+            record.setdefault(key, cseq([], flow=True)).append(entry)
     if created:
         record["created"] = cseq(created, flow=True)
     return record

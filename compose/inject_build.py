@@ -22,15 +22,16 @@ from compose.inject_rules import DNS_PORT, INBOUND_PORT, OUTBOUND_PORT, MeshOpti
 
 CONTROL_PLANE = "meshlet-control-plane"
 NODE = "meshlet-node"
-VOLUME = "meshlet-data"
+VOLUME = "meshlet-data"  # the control plane's data: CA keys, tokens, state
+PUBLIC_VOLUME = "meshlet-public"  # only the bundle and the join token: what sidecars mount
 NETWORK = "meshlet"  # the control plane's own network, for tools that call its API
 GENERATED = "x-meshlet-generated"  # marks every service inject added: {role: ..., app: ...}
 ORIGINAL = "x-meshlet-original"  # in an app's first sidecar: what uninject puts back
 INJECTED = "x-meshlet-injected"  # top level: what inject added there
 DATA_DIR = "/var/lib/meshlet"  # the control plane's --data-dir (the meshlet-data volume)
-CP_MOUNT = "/var/lib/meshlet-control-plane"  # the same volume, read-only, in sidecars
-CA_BUNDLE = f"{CP_MOUNT}/ca/bundle.pem"
-JOIN_TOKEN = f"{CP_MOUNT}/join-token"
+PUBLIC_DIR = "/var/lib/meshlet-public"  # meshlet-public: the control plane's --public-dir,
+CA_BUNDLE = f"{PUBLIC_DIR}/bundle.pem"  # mounted read-only at the same path in sidecars
+JOIN_TOKEN = f"{PUBLIC_DIR}/join-token"  # and the node helper
 PROXY_UID = 1337
 API_PORT, GRPC_PORT, GRPC_MTLS_PORT = 15080, 15010, 15012
 SIDECAR_DNS = f"127.0.0.53:{DNS_PORT}"
@@ -39,6 +40,12 @@ CONTROL_PLANE_MTLS = f"{CONTROL_PLANE}:{GRPC_MTLS_PORT}"
 ENTRYPOINT = "meshlet"  # set on every generated service, whatever the image's entrypoint
 NODE_NAME = "${MESHLET_NODE:-node1}"  # compose fills these in from the environment
 UNDERLAY = "${MESHLET_UNDERLAY_ADDRESS:-127.0.0.1}"
+
+# The image has no /var/lib/meshlet-public owned by 1337, so a plain named volume there
+# would be root's: a tmpfs owned by 1337 instead (its files are rewritten at every start).
+PUBLIC_VOLUME_OPTIONS = (
+    ("driver_opts", (("type", "tmpfs"), ("device", "tmpfs"), ("o", "uid=1337,gid=1337,mode=0755"))),
+)
 
 # /ready also says whether the app accepts connections; the app starts only after the
 # sidecar is healthy, so here the sidecar counts as ready when that is all that is missing.
@@ -146,7 +153,7 @@ def sidecar(
         ("entrypoint", cseq([ENTRYPOINT], flow=True)),
         ("command", cseq(args)),
         ("networks", networks),
-        ("volumes", cseq([f"{VOLUME}:{CP_MOUNT}:ro"])),
+        ("volumes", cseq([f"{PUBLIC_VOLUME}:{PUBLIC_DIR}:ro"])),
         ("depends_on", cmap((CONTROL_PLANE, cmap(("condition", "service_healthy"))))),
         ("healthcheck", _health(SIDECAR_HEALTH.format(admin=_admin_probe_address(settings.admin)))),
         ("cap_drop", cseq(["ALL"], flow=True)),
@@ -212,6 +219,8 @@ def control_plane(settings: Settings, *, networks: list[str]) -> CommentedMap:
         quoted(f"0.0.0.0:{GRPC_PORT}"),
         "--grpc-mtls",
         quoted(f"0.0.0.0:{GRPC_MTLS_PORT}"),
+        "--public-dir",
+        PUBLIC_DIR,
         "--trust-domain",
         settings.trust_domain,
     ]
@@ -220,7 +229,7 @@ def control_plane(settings: Settings, *, networks: list[str]) -> CommentedMap:
         ("user", quoted(f"{PROXY_UID}:{PROXY_UID}")),
         ("entrypoint", cseq([ENTRYPOINT], flow=True)),
         ("command", cseq(args)),
-        ("volumes", cseq([f"{VOLUME}:{DATA_DIR}"])),
+        ("volumes", cseq([f"{VOLUME}:{DATA_DIR}", f"{PUBLIC_VOLUME}:{PUBLIC_DIR}"])),
         ("networks", cseq(networks)),
     ]
     if settings.node:  # the node helper is on the host's network: it dials loopback
@@ -231,6 +240,11 @@ def control_plane(settings: Settings, *, networks: list[str]) -> CommentedMap:
         (GENERATED, marker("control-plane")),
     ]
     return cmap(*pairs)
+
+
+def public_volume() -> CommentedMap:
+    """The top-level entry of ``meshlet-public``."""
+    return cmap(*((k, cmap(*v)) for k, v in PUBLIC_VOLUME_OPTIONS))
 
 
 def node(settings: Settings) -> CommentedMap:
@@ -256,7 +270,7 @@ def node(settings: Settings) -> CommentedMap:
         ("cap_add", cseq(["NET_ADMIN"], flow=True)),
         ("entrypoint", cseq([ENTRYPOINT], flow=True)),
         ("command", cseq(args)),
-        ("volumes", cseq([f"{VOLUME}:{CP_MOUNT}:ro"])),
+        ("volumes", cseq([f"{PUBLIC_VOLUME}:{PUBLIC_DIR}:ro"])),
         ("depends_on", cmap((CONTROL_PLANE, cmap(("condition", "service_healthy"))))),
         ("restart", "unless-stopped"),
         (GENERATED, marker("node")),

@@ -2,7 +2,10 @@
 
 Opens the store, loads the registry, starts the CA, the admin API and gRPC, runs the
 health and CA-rotation loops, and on SIGTERM stops accepting, drains and closes the
-store. Writes DATA_DIR/control-plane.json with the bound addresses once serving.
+store. Writes DATA_DIR/control-plane.json with the bound addresses once serving. With a
+public dir, keeps DIR/bundle.pem and DIR/join-token current (at start and whenever the
+CA directory changes) and writes nothing else there: sidecars mount that instead of
+DATA_DIR, which holds the CA's keys and the admin token.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from control_plane.node_rpc import NodesServicer
 from control_plane.registry import Config
 from control_plane.store import open_store
 from meshlet.addresses import format_hostport
-from meshlet.errors import MeshError, NotFoundError
+from meshlet.errors import InputError, MeshError, NotFoundError
 from meshlet.proto import mesh_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,11 @@ class RunConfig:
     deregister_after_s: float = 60.0
     bookmark_s: float = 15.0
     ca_poll_s: float = 2.0
+    public_dir: Path | None = None  # DIR/bundle.pem and DIR/join-token only, for sidecars
+
+
+PUBLIC_BUNDLE, PUBLIC_TOKEN = "bundle.pem", "join-token"
+PUBLIC_TOKEN_MODE = 0o640  # sidecars run as the control plane's uid (1337) in compose
 
 
 def ensure_token(path: Path) -> str:
@@ -98,6 +106,7 @@ async def run(cfg: RunConfig, stop: asyncio.Event | None = None) -> None:
             ttl_s=cfg.ttl_s, deregister_after_s=cfg.deregister_after_s, node_ttl_s=cfg.ttl_s
         )
         authority, grpc_server = await _start_identity(cfg, cp, join_token, tracker)
+        published = _publish(cfg.public_dir, authority, last=None)
         ctx = ApiContext(cp=cp, health=tracker, ca=authority, bookmark_s=cfg.bookmark_s)
         runner = web.AppRunner(
             make_app(ctx, admin_token=admin_token), access_log=None, shutdown_timeout=2.0
@@ -127,6 +136,8 @@ async def run(cfg: RunConfig, stop: asyncio.Event | None = None) -> None:
                     "CA directory changed: signing with the current issuer, pushing the bundle"
                 )
                 grpc_server.bundle_changed()
+            nonlocal published
+            published = _publish(cfg.public_dir, authority, last=published)
 
         try:
             async with asyncio.TaskGroup() as tg:
@@ -159,6 +170,27 @@ async def _start_identity(
     )
     await server.start(format_hostport(*cfg.grpc), mtls_address=format_hostport(*cfg.grpc_mtls))
     return authority, server
+
+
+def _publish(
+    public_dir: Path | None, authority: Authority, *, last: tuple[bytes, bytes] | None
+) -> tuple[bytes, bytes] | None:
+    """Write the bundle and the join token to ``public_dir`` (atomically) if they differ
+    from ``last``, what was written last; returns what is there now."""
+    if public_dir is None:
+        return None
+    now = (authority.bundle_pem, authority.join_token.encode() + b"\n")
+    if now != last:
+        try:
+            public_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"cannot create --public-dir {public_dir}: {e.strerror}") from e
+        write_files(
+            public_dir,
+            {PUBLIC_BUNDLE: (now[0], PUBLIC), PUBLIC_TOKEN: (now[1], PUBLIC_TOKEN_MODE)},
+        )
+        log.info("public files written", extra={"public_dir": str(public_dir)})
+    return now
 
 
 def _write_addresses(cfg: RunConfig, api_port: int, grpc: GrpcServer) -> None:

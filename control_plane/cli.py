@@ -62,6 +62,13 @@ def main() -> None:
     "--deregister-after", default="60s", show_default=True, help="…and for this long deregister it."
 )
 @click.option(
+    "--public-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep DIR/bundle.pem and DIR/join-token current here (and nothing else), "
+    "for sidecars to mount instead of --data-dir.",
+)
+@click.option(
     "--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"])
 )
 def run(
@@ -75,6 +82,7 @@ def run(
     overlay_cidr: str,
     endpoint_ttl: str,
     deregister_after: str,
+    public_dir: Path | None,
     log_level: str,
 ) -> None:
     """Serve the admin API and gRPC until SIGTERM."""
@@ -100,6 +108,7 @@ def run(
         overlay_cidr=overlay_cidr,
         ttl_s=parse_duration(endpoint_ttl, what="--endpoint-ttl"),
         deregister_after_s=parse_duration(deregister_after, what="--deregister-after"),
+        public_dir=public_dir,
     )
     logs.setup(log_level)
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

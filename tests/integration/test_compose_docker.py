@@ -374,6 +374,18 @@ def test_the_injected_shop_on_docker(shop: Stack) -> None:
     assert result["app_port"] == "refused", result
     assert "HTTP/" not in result["inbound_reply"], result
 
+    # 3b. a sidecar sees the bundle and the join token, never the CA's keys or admin token
+    mounts = json.loads(shop.engine.docker("inspect", "-f", "{{json .Mounts}}", sidecar))
+    assert [(m["Name"].rsplit("_", 1)[-1], m["Destination"], m["RW"]) for m in mounts] == [
+        ("meshlet-public", "/var/lib/meshlet-public", False)
+    ], mounts
+    seen_files = shop.engine.docker(
+        "exec", sidecar, "python", "-c", SIDECAR_FILES, timeout=30
+    )  # fmt: skip
+    files = json.loads(seen_files)
+    assert files["public"] == ["bundle.pem", "join-token"], files
+    assert files["keys"] == [], files
+
     # 4. three replicas of order-service v1 share the calls; the VIP stays
     vip_before = shop.exec_in("user-service", "getent", "hosts", "order-service").split()[0]
     assert vip_before.startswith("198.19."), vip_before
@@ -444,4 +456,16 @@ except ConnectionRefusedError:
 except OSError as e:
     out["app_port"] = repr(e)
 print(json.dumps(out))
+"""
+
+# Run in a sidecar: what it can list in the public dir, and every key or token file it can
+# find anywhere a control plane keeps its data (the CA's and the admin token must be absent).
+SIDECAR_FILES = """
+import json, os
+keys = []
+for top in ("/var/lib/meshlet", "/var/lib/meshlet-control-plane", "/var/lib/meshlet-public"):
+    for root, _, names in os.walk(top):
+        keys += [os.path.join(root, n) for n in names
+                 if n in ("root-key.pem", "ca-key.pem", "admin-token")]
+print(json.dumps({"public": sorted(os.listdir("/var/lib/meshlet-public")), "keys": keys}))
 """

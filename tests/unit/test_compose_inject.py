@@ -123,7 +123,7 @@ def test_the_app_joins_its_sidecar_which_takes_its_network_settings() -> None:
     assert sidecar["networks"] == {"front": {"aliases": ["web"]}, "back": {"aliases": ["web"]}}
     assert sidecar["user"] == "1337:1337"
     assert sidecar["cap_drop"] == ["ALL"] and "cap_add" not in sidecar
-    assert sidecar["volumes"] == ["meshlet-data:/var/lib/meshlet-control-plane:ro"]
+    assert sidecar["volumes"] == ["meshlet-public:/var/lib/meshlet-public:ro"]  # no CA keys
     assert sidecar["depends_on"] == {"meshlet-control-plane": {"condition": "service_healthy"}}
     assert "/ready" in sidecar["healthcheck"]["test"][-1]
     assert init["network_mode"] == "service:web-meshlet"
@@ -142,8 +142,8 @@ def test_the_sidecar_command_names_the_service_in_the_project_namespace() -> Non
     assert flags["--control-plane"] == "meshlet-control-plane:15010"
     assert flags["--control-plane-mtls"] == "meshlet-control-plane:15012"
     assert flags["--address"] == "auto"
-    assert flags["--ca-bundle"] == "/var/lib/meshlet-control-plane/ca/bundle.pem"
-    assert flags["--join-token"] == "/var/lib/meshlet-control-plane/join-token"
+    assert flags["--ca-bundle"] == "/var/lib/meshlet-public/bundle.pem"
+    assert flags["--join-token"] == "/var/lib/meshlet-public/join-token"
     assert flags["--admin"] == "127.0.0.1:15000"
     assert "--app-protocol" not in flags  # not declared: the sidecar detects it
 
@@ -159,11 +159,24 @@ def test_control_plane_node_volume_and_network_are_added_once() -> None:
     out = _inject(WEB)
     data = _data(out)
     cp = data["services"]["meshlet-control-plane"]
-    assert cp["volumes"] == ["meshlet-data:/var/lib/meshlet"]
+    assert cp["volumes"] == [
+        "meshlet-data:/var/lib/meshlet",
+        "meshlet-public:/var/lib/meshlet-public",
+    ]
+    flags = dict(zip(cp["command"][2::2], cp["command"][3::2], strict=False))
+    assert flags["--public-dir"] == "/var/lib/meshlet-public"
     assert cp["networks"] == ["default", "front", "back", "meshlet"]
     assert cp["ports"] == ["127.0.0.1:15010:15010"]
     assert "--trust-domain" in cp["command"]
-    assert data["volumes"] == {"meshlet-data": None}
+    assert list(data["volumes"]) == ["meshlet-data", "meshlet-public"]
+    assert data["volumes"]["meshlet-data"] is None
+    assert data["volumes"]["meshlet-public"]["driver_opts"]["o"] == "uid=1337,gid=1337,mode=0755"
+    mounts = {n: s.get("volumes", []) for n, s in data["services"].items()}
+    assert not [
+        n
+        for n, m in mounts.items()
+        if n != "meshlet-control-plane" and any("meshlet-data" in v for v in m)
+    ]
     assert data["networks"] == {"front": None, "back": None, "meshlet": None}
     assert _inject(out) == out
 
