@@ -46,7 +46,7 @@ def test_demo_orders_spread_over_both_nodes_and_a_fourth_replica_goes_to_node2()
         ("x" * 30, 2, sc.DEFAULT_UNDERLAY, "2-24 lowercase"),
         ("lab", 0, sc.DEFAULT_UNDERLAY, "--nodes 0"),
         ("lab", 9, sc.DEFAULT_UNDERLAY, "1-8 nodes"),
-        ("lab", 2, "10.0.0.0/24", "inside 198.18.0.0/16"),
+        ("lab", 2, "203.0.113.0/24", "inside 198.18.0.0/16"),
         ("lab", 2, "198.18.0.0/23", "a /24"),
         ("lab", 2, "nonsense", "not an IPv4 network"),
     ],
