@@ -41,8 +41,8 @@ from typing import Any
 from bench import procs
 from bench.clients import MiB
 from bench.lab_clients import NOBODY, NetnsWorker
-from bench.runner import _brief
-from bench.stats import interleave, medians, parse_wrk, vcpu_per_krps_per_hop
+from bench.runner import interleaved_runs
+from bench.stats import parse_wrk, vcpu_per_krps_per_hop
 from bench.topology import NGINX_CONF, PAGE
 from bench.workloads import PATH_BY_NAME, WORKLOADS, Sizes, Workload
 from meshlet.errors import MeshError
@@ -318,29 +318,9 @@ def _wrk(
 
 
 def run_workload(bench: Bench, wl: Workload, sizes: Sizes, say: Say) -> dict[str, Any]:
-    warm = dataclasses.replace(sizes, bulk_mib=16, pingpong_rounds=200, seconds=1.0)
-    for variant in VARIANTS:  # warm-up, not recorded
-        if wl.kind in ("bulk", "pingpong"):
-            run_once(bench, wl, variant, warm)
-    runs: list[dict[str, Any]] = []
-    for i, variant in interleave(VARIANTS, sizes.runs):
-        fig = run_once(bench, wl, variant, sizes)
-        runs.append({"variant": variant, "run": i, **fig})
-        say(f"   {wl.id:<12} {variant:<15} run {i + 1}/{sizes.runs}  {_brief(wl, fig)}")
-    return {
-        "id": wl.id,
-        "title": wl.title,
-        "path": wl.path,
-        "kind": wl.kind,
-        "primary": wl.primary,
-        "unit": wl.unit,
-        "higher_is_better": wl.higher_is_better,
-        "latency": list(wl.latency),
-        "latency_unit": wl.latency_unit,
-        "connections": wl.connections,
-        "runs": runs,
-        "medians": {v: medians([r for r in runs if r["variant"] == v]) for v in VARIANTS},
-    }
+    return interleaved_runs(
+        wl, VARIANTS, sizes, lambda variant, sz: run_once(bench, wl, variant, sz), say
+    )
 
 
 def _say(text: str) -> None:

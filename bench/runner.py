@@ -103,18 +103,27 @@ def _brief(wl: Workload, fig: dict[str, float]) -> str:
     return ", ".join(parts)
 
 
-def run_workload(
-    topo: Topology, worker: ClientWorker, wl: Workload, sizes: Sizes, say: Say
+def interleaved_runs(
+    wl: Workload,
+    variants: Sequence[str],
+    sizes: Sizes,
+    once: Callable[[str, Sizes], dict[str, float]],
+    say: Say,
 ) -> dict[str, Any]:
+    """One workload over ``variants``: a warm-up of each (bulk and ping-pong only, not
+    recorded), then ``sizes.runs`` interleaved runs (A B C A B C …) and their medians.
+    ``once(variant, sizes)`` runs one and returns its figures; the loopback harness and
+    ``--lab`` differ only there."""
     warm = dataclasses.replace(sizes, bulk_mib=16, pingpong_rounds=200, seconds=1.0)
-    for variant in VARIANTS:  # warm-up, not recorded: caches, pools, JITs of the allocator
+    for variant in variants:  # warm-up, not recorded: caches, pools, JITs of the allocator
         if wl.kind in ("bulk", "pingpong"):
-            run_once(topo, worker, wl, variant, warm)
+            once(variant, warm)
+    width = max(len(v) for v in variants)
     runs: list[dict[str, Any]] = []
-    for i, variant in interleave(VARIANTS, sizes.runs):
-        fig = run_once(topo, worker, wl, variant, sizes)
+    for i, variant in interleave(variants, sizes.runs):
+        fig = once(variant, sizes)
         runs.append({"variant": variant, "run": i, **fig})
-        say(f"   {wl.id:<12} {variant:<8} run {i + 1}/{sizes.runs}  {_brief(wl, fig)}")
+        say(f"   {wl.id:<12} {variant:<{width}} run {i + 1}/{sizes.runs}  {_brief(wl, fig)}")
     return {
         "id": wl.id,
         "title": wl.title,
@@ -127,8 +136,16 @@ def run_workload(
         "latency_unit": wl.latency_unit,
         "connections": wl.connections,
         "runs": runs,
-        "medians": {v: medians([r for r in runs if r["variant"] == v]) for v in VARIANTS},
+        "medians": {v: medians([r for r in runs if r["variant"] == v]) for v in variants},
     }
+
+
+def run_workload(
+    topo: Topology, worker: ClientWorker, wl: Workload, sizes: Sizes, say: Say
+) -> dict[str, Any]:
+    return interleaved_runs(
+        wl, VARIANTS, sizes, lambda variant, sz: run_once(topo, worker, wl, variant, sz), say
+    )
 
 
 def measure_memory(
