@@ -163,7 +163,8 @@ def test_silence_times_out_and_what_comes_later_still_arrives() -> None:
 
     found, received, echoed = run(scenario)
     assert found.timed_out and found.found is Detected.NEED_MORE and found.data == b""
-    assert 0.1 <= found.seconds < 2.0
+    # asyncio may fire a timer up to its clock resolution early: 0.0999… is on time
+    assert 0.095 <= found.seconds < 2.0
     assert received == echoed == b"late hello\n"
 
 
