@@ -68,7 +68,7 @@ async def ready(st: AdminState) -> Reply:
         reasons.append("no workload certificate yet")
     if not st.discovery()["has_snapshot"]:
         reasons.append("no mesh map yet (control plane not reached, no cache)")
-    if not await _app_accepts(st.cfg.app_host, st.cfg.app_port):
+    if st.cfg.app_port is not None and not await _app_accepts(st.cfg.app_host, st.cfg.app_port):
         reasons.append(
             f"the app does not accept connections on {st.cfg.app_host}:{st.cfg.app_port}"
         )
@@ -139,7 +139,8 @@ async def config_dump(st: AdminState) -> Reply:
             "sidecar": {
                 "service": f"{cfg.namespace}/{cfg.service}",
                 "mode": cfg.mode.value,
-                "app_port": cfg.app_port,
+                "app_port": cfg.app_port,  # None: outbound only
+                "outbound_only": cfg.outbound_only,
                 "inbound": list(cfg.inbound),
                 "outbound": list(cfg.outbound),
                 "admin": list(cfg.admin),

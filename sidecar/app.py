@@ -207,23 +207,13 @@ async def run(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> None:
         l7=l7_inbound.serve,
         h2=h2_inbound.serve,
     )
-    await inbound.start()
+    if not cfg.outbound_only:
+        await inbound.start()
     await outbound.start()
     dns_server = await _start_dns(cfg, lambda: discovery.catalog)
-    endpoint = Endpoint(
-        id=cfg.resolved_endpoint_id,
-        namespace=cfg.namespace,
-        service=cfg.service,
-        address=cfg.address,
-        app_port=cfg.app_port,
-        inbound_port=inbound.port,
-        node=cfg.node,
-        labels=dict(cfg.labels),
-    )
     channels = ChannelHolder(cfg.control_plane_mtls, identity)
-    registrar = Registrar(
-        channels, endpoint, service_ports=cfg.service_ports, clock=rt.clock, rng=rt.rng
-    )
+    # An outbound-only workload serves nothing, so it has no endpoint to register.
+    registrar = None if cfg.app_port is None else _registrar(cfg, inbound.port, channels, rt)
     drained = asyncio.Event()
 
     async def drain() -> None:
@@ -232,7 +222,8 @@ async def run(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> None:
         drained.set()
         admin_state.draining = True
         log.info("draining", extra={"open": len(connections), "timeout_s": cfg.drain_timeout_s})
-        await registrar.drain()
+        if registrar is not None:
+            await registrar.drain()
         inbound.stop_accepting()
         open_inbound: list[asyncio.Future[None]] = [
             c.relay.done for c in connections if c.direction == "inbound"
@@ -276,7 +267,7 @@ async def run(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> None:
         "sidecar serving",
         extra={
             "service": f"{cfg.namespace}/{cfg.service}",
-            "inbound": inbound.port,
+            "inbound": None if cfg.outbound_only else inbound.port,
             "outbound": outbound.bound(),
             "admin": admin_server.port,
             "mode": cfg.mode.value,
@@ -284,14 +275,13 @@ async def run(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> None:
     )
     try:
         async with asyncio.TaskGroup() as tg:
-            tasks = [
-                tg.create_task(identity.run()),
-                tg.create_task(discovery.run()),
-                tg.create_task(registrar.run()),
-            ]
+            tasks = [tg.create_task(identity.run()), tg.create_task(discovery.run())]
+            if registrar is not None:
+                tasks.append(tg.create_task(registrar.run()))
             await stop.wait()
             await drain()
-            await registrar.deregister()
+            if registrar is not None:
+                await registrar.deregister()
             for t in tasks:
                 t.cancel()
     finally:
@@ -309,6 +299,25 @@ async def run(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> None:
         await admin_server.close()
         await channels.close()
         log.info("sidecar stopped")
+
+
+def _registrar(
+    cfg: SidecarConfig, inbound_port: int, channels: ChannelHolder, rt: Runtime
+) -> Registrar:
+    assert cfg.app_port is not None
+    endpoint = Endpoint(
+        id=cfg.resolved_endpoint_id,
+        namespace=cfg.namespace,
+        service=cfg.service,
+        address=cfg.address,
+        app_port=cfg.app_port,
+        inbound_port=inbound_port,
+        node=cfg.node,
+        labels=dict(cfg.labels),
+    )
+    return Registrar(
+        channels, endpoint, service_ports=cfg.service_ports, clock=rt.clock, rng=rt.rng
+    )
 
 
 async def _start_dns(cfg: SidecarConfig, catalog: Any) -> Any:

@@ -109,7 +109,12 @@ def _auto_address(toward: str, route_table: str = "/proc/net/route") -> str:
     type=PathArg,
     help="Where the key and certificate live (0700). Default: /var/lib/meshlet/NS-NAME.",
 )
-@click.option("--app-port", type=int, required=True, help="The app's port on 127.0.0.1.")
+@click.option(
+    "--app-port",
+    type=int,
+    help="The app's port on 127.0.0.1. Omit it for a workload that only calls others: "
+    "no inbound listener, no endpoint registered.",
+)
 @click.option(
     "--app-protocol",
     type=click.Choice(["auto", "tcp", "http", "grpc"]),
@@ -199,7 +204,7 @@ def run(
     ca_bundle: Path,
     join_token: Path | None,
     cert_dir: Path | None,
-    app_port: int,
+    app_port: int | None,
     app_protocol: str,
     mode: str,
     upstreams: tuple[str, ...],

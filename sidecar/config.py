@@ -72,7 +72,7 @@ class SidecarConfig:
     ca_bundle: Path
     cert_dir: Path
     join_token: Path | None = None
-    app_port: int
+    app_port: int | None = None  # None: outbound only (no inbound, no endpoint)
     app_host: str = "127.0.0.1"
     app_protocol: Protocol = Protocol.AUTO
     mode: Mode = Mode.TRANSPARENT
@@ -99,7 +99,9 @@ class SidecarConfig:
         for value, what in ((self.namespace, "namespace"), (self.service, "service name")):
             if not DNS_LABEL.fullmatch(value):
                 raise InputError(f"--service: {what} {value!r} is not a DNS label")
-        if not 1 <= self.app_port <= 65535:
+        if self.app_port is None:
+            self._check_outbound_only()
+        elif not 1 <= self.app_port <= 65535:
             raise InputError(f"--app-port {self.app_port} is out of range 1-65535")
         try:
             ipaddress.ip_address(self.address)
@@ -116,6 +118,37 @@ class SidecarConfig:
         if not self.detect_timeout_s > 0:
             raise InputError("--detect-timeout must be greater than 0 (e.g. 200ms)")
 
+    def _check_outbound_only(self) -> None:
+        """Without --app-port nothing is served, so nothing describes a served port."""
+        given = [
+            what
+            for what, set_ in (
+                ("--app-protocol", self.app_protocol is not Protocol.AUTO),
+                ("--label", bool(self.labels)),
+            )
+            if set_
+        ]
+        if given:
+            raise InputError(
+                f"{' and '.join(given)} describe the app's served port, and there is no "
+                "--app-port: pass --app-port PORT, or drop them for a workload that only "
+                "calls others"
+            )
+
+    @property
+    def outbound_only(self) -> bool:
+        """No app port: the workload only calls others. It has an identity and the mesh
+        map, but no inbound listener and no endpoint in the control plane (Linkerd's and
+        Istio's client-only workloads)."""
+        return self.app_port is None
+
+    @property
+    def app_address(self) -> tuple[str, int]:
+        """Where the inbound side dials the app (it never runs when outbound only)."""
+        if self.app_port is None:
+            raise RuntimeError("an outbound-only sidecar has no app to dial")
+        return self.app_host, self.app_port
+
     @property
     def spiffe_path(self) -> str:
         return f"/ns/{self.namespace}/sa/{self.service}"
@@ -128,6 +161,8 @@ class SidecarConfig:
 
     @property
     def service_ports(self) -> tuple[ServicePort, ...]:
+        if self.app_port is None:
+            return ()
         return (ServicePort(port=self.app_port, protocol=self.app_protocol),)
 
     @property

@@ -143,7 +143,7 @@ class H2Inbound:
     async def dial_app(self) -> Side:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(APP_CONNECT_TIMEOUT_S):
-            _, side = await loop.create_connection(PlainSide, self.cfg.app_host, self.cfg.app_port)
+            _, side = await loop.create_connection(PlainSide, *self.cfg.app_address)
         return side
 
     def _pool_open(self, key: Hashable) -> None:

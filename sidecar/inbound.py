@@ -149,9 +149,7 @@ class Inbound:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(5.0):
-                _, app = await loop.create_connection(
-                    PlainSide, self.cfg.app_host, self.cfg.app_port
-                )
+                _, app = await loop.create_connection(PlainSide, *self.cfg.app_address)
         except (OSError, TimeoutError) as e:
             self.metrics.connect_errors.labels(self.service_key, "app_unreachable").inc()
             log.warning(

@@ -175,9 +175,7 @@ class L7Inbound:
 
         async def connect() -> PlainSide:
             async with asyncio.timeout(APP_CONNECT_TIMEOUT_S):
-                _, side = await loop.create_connection(
-                    PlainSide, self.cfg.app_host, self.cfg.app_port
-                )
+                _, side = await loop.create_connection(PlainSide, *self.cfg.app_address)
             return side
 
         return await self.pool.acquire(_APP, connect, fresh=fresh)

@@ -123,7 +123,7 @@ class Sidecar(Proc):
         cp: ControlPlaneProcess,
         tmp: Path,
         service: str,
-        app_port: int,
+        app_port: int | None,  # None: outbound only (no --app-port)
         *,
         address: str = "127.0.0.1",
         extra: tuple[str, ...] = (),
@@ -160,8 +160,7 @@ class Sidecar(Proc):
             str(cp.data_dir / "join-token"),
             "--cert-dir",
             str(self.cert_dir),
-            "--app-port",
-            str(self.app_port),
+            *(() if self.app_port is None else ("--app-port", str(self.app_port))),
             "--mode",
             "explicit",
             "--admin",
