@@ -21,7 +21,7 @@ to inject (the mesh namespace: identity ``spiffe://<trust-domain>/ns/NS/sa/<svc>
     ``entrypoint: [meshlet]``, ``command: [sidecar, run, --service, NS/svc, --mode,
     transparent, --control-plane, "meshlet-control-plane:15010", --control-plane-mtls,
     "meshlet-control-plane:15012", --address, auto, --ca-bundle, ..., --join-token,
-    ..., --app-port, PORT, (--app-protocol, P,) --dns, "127.0.0.53:15053", --admin,
+    ..., (--app-port, PORT, (--app-protocol, P,)) --dns, "127.0.0.53:15053", --admin,
     "127.0.0.1:15000", --node, "${MESHLET_NODE:-node1}", (--label, k=v, ...)]``; the
     moved settings; on each of the app's networks (``default`` when it named none) the
     alias ``svc``, so containers still reach ``svc`` by name. It mounts only the volume
@@ -73,7 +73,14 @@ are ``x-meshlet.ports``, else the container side of ``expose`` and ``ports`` (TC
 less ``exclude-ports``; the sidecar serves the first (it takes one ``--app-port``).
 ``exclude-ports`` also bypass the sidecar outbound. ``identity`` is the mesh service
 name and SPIFFE service account (default: the compose name). Skipped, with the reason
-in the report: ``inject: false``, a service with no TCP port, the meshlet services.
+in the report: ``inject: false``, the meshlet services. A service with no TCP port (a
+worker, a job, a load generator; or a server whose port only its image declares) is
+injected *outbound only*: its sidecar runs without ``--app-port``, so it has an
+identity and calls the mesh by name, but registers no endpoint; whatever the app serves
+stays reachable as before, outside the mesh (inbound is never intercepted). Labels on
+such a service are refused (they describe serving replicas). Known limitation: an
+end-of-line comment after a one-line flow-style service (``web: {image: x}  # note``)
+moves right after inject and uninject.
 Refused (InputError; nothing is written): a service with ``network_mode`` (unless
 ``inject: false``), one whose moved keys or ``network_mode`` come from a merge key
 (``<<``), a service that is an alias of another, a name inject needs that is taken,

@@ -138,9 +138,9 @@ def sidecar(
         CA_BUNDLE,
         "--join-token",
         JOIN_TOKEN,
-        "--app-port",
-        quoted(str(opts.port)),
     ]
+    if opts.port is not None:  # else outbound only: it calls the mesh and serves nothing
+        args += ["--app-port", quoted(str(opts.port))]
     if opts.protocol is not None:
         args += ["--app-protocol", opts.protocol]
     args += ["--dns", quoted(SIDECAR_DNS), "--admin", quoted(settings.admin)]

@@ -88,6 +88,13 @@ def _details(name: str, opts: MeshOptions) -> str:
     if opts.replicas > 1:
         names = ", ".join(build.replica_name(name, n) for n in range(1, opts.replicas + 1))
         notes.append(f"{opts.replicas} replicas: {names}")
+    if opts.port is None:
+        env = ", ".join(repr(u) for u in opts.unknown_ports)
+        why = f"its port {env} is set from the environment" if env else "no port declared"
+        notes.append(
+            f"outbound only: {why}, so it calls the mesh but serves nothing through it; "
+            f"add {OPTIONS}.ports: [PORT] to mesh what it serves"
+        )
     if opts.unmeshed_ports:
         others = ", ".join(map(str, opts.unmeshed_ports))
         notes.append(f"port {opts.port} in the mesh; {others} not: a sidecar serves one port")

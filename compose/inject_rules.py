@@ -59,11 +59,13 @@ class MeshOptions:
 
     name: str  # the mesh service name and SPIFFE service account (x-meshlet.identity)
     ports: tuple[int, ...]  # the app's TCP ports, in the order they were found
-    port: int  # the one the sidecar serves (--app-port): the first of ``ports``
+    port: int | None  # the one the sidecar serves (--app-port): the first of ``ports``;
+    # None: the service has no port, so its sidecar is outbound only (it only calls others)
     protocol: str | None  # x-meshlet.protocol for ``port``; None: the sidecar detects it
     labels: tuple[tuple[str, str], ...]
     exclude_ports: tuple[int, ...]  # outbound ports that bypass the sidecar
     replicas: int
+    unknown_ports: tuple[str, ...] = ()  # ports set from the environment: not known here
 
     @property
     def unmeshed_ports(self) -> tuple[int, ...]:
@@ -113,13 +115,12 @@ def decide(
     found, unknown = _listening_ports(opts, expose=expose, ports=ports, where=where)
     excluded = _port_list(opts.get("exclude-ports", []), where=f"{where}: {OPTIONS}.exclude-ports")
     listening = tuple(p for p in found if p not in excluded)
-    if not listening:
-        hint = (
-            f" ({', '.join(repr(u) for u in unknown)} is set from the environment)"
-            if unknown
-            else ""
+    if not listening and opts.get("labels"):
+        raise InputError(
+            f"{where}: {OPTIONS}.labels describe the replicas that serve a port, and {name} "
+            f"has no TCP port, so its sidecar only calls others: add expose: [PORT] or "
+            f"{OPTIONS}.ports: [PORT], or drop the labels"
         )
-        return Skip(f"no TCP port to serve{hint}: add expose: [PORT] or {OPTIONS}.ports: [PORT]")
     clash = sorted(set(listening) & set(SIDECAR_PORTS))
     if clash:
         raise InputError(
@@ -132,11 +133,12 @@ def decide(
     return MeshOptions(
         name=mesh_name,
         ports=listening,
-        port=listening[0],
-        protocol=protocols.get(listening[0]),
+        port=listening[0] if listening else None,
+        protocol=protocols.get(listening[0]) if listening else None,
         labels=_labels(opts.get("labels", {}), where=f"{where}: {OPTIONS}.labels"),
         exclude_ports=excluded,
         replicas=_replicas(opts, replicas_setting, where=where),
+        unknown_ports=tuple(unknown) if not listening else (),
     )
 
 
@@ -247,9 +249,8 @@ def _protocols(value: Any, ports: tuple[int, ...], *, where: str) -> dict[int, s
         except (TypeError, ValueError):
             number = -1
         if number not in ports:
-            raise InputError(
-                f"{key}: {port!r} is not one of the service's ports ({', '.join(map(str, ports))})"
-            )
+            known = ", ".join(map(str, ports)) or "it has none: add expose: [PORT]"
+            raise InputError(f"{key}: {port!r} is not one of the service's ports ({known})")
         if proto not in PROTOCOLS:
             raise InputError(f"{key}: {port}: {proto!r} is not one of {', '.join(PROTOCOLS)}")
         out[number] = str(proto)

@@ -352,6 +352,31 @@ def test_the_injected_shop_on_docker(shop: Stack) -> None:
                 seen.append(json.loads(text).get("source_identity") or "")
     assert seen and all(s.startswith("spiffe://") and s.endswith(caller) for s in seen), seen[:5]
 
+    # 1b. shopper has no port: its outbound-only sidecar calls user-service by name over
+    #     mTLS as shopper's own identity, and registers no endpoint
+    (shopper_sidecar,) = shop.sidecar_containers("shopper")
+
+    def shopper_served() -> bool:
+        logs = shop.engine.docker("logs", shop.containers("shopper")[0], timeout=30)
+        return '"status": 200' in logs
+
+    shop.wait("shopper's calls to be answered", shopper_served, timeout=120, every=2)
+    shopper_id = f"/ns/{PROJECT}/sa/shopper"
+
+    def user_service_saw_shopper() -> bool:
+        (cid,) = shop.sidecar_containers("user-service")
+        lines = shop.engine.docker("logs", cid, timeout=30).splitlines()
+        return any(t.startswith("{") and shopper_id in t and '"inbound"' in t for t in lines)
+
+    shop.wait("user-service's sidecar to log shopper's identity", user_service_saw_shopper,
+              timeout=30, every=2)  # fmt: skip
+    dump = json.loads(
+        shop.engine.docker("exec", shopper_sidecar, "python3", "-c", CONFIG_DUMP, timeout=30)
+    )
+    assert dump["sidecar"]["outbound_only"] is True, dump["sidecar"]
+    assert f"{PROJECT}/shopper" not in dump["endpoints"], sorted(dump["endpoints"])
+    assert f"{PROJECT}/user-service" in dump["endpoints"], sorted(dump["endpoints"])
+
     # 2. payment-service allows only order-service: user-service is refused
     refused = shop.exec_in(
         "user-service", "python", "-c", GRPC_CALL, "payment-service:50051", check=False
@@ -460,6 +485,10 @@ print(json.dumps(out))
 
 # Run in a sidecar: what it can list in the public dir, and every key or token file it can
 # find anywhere a control plane keeps its data (the CA's and the admin token must be absent).
+CONFIG_DUMP = (
+    "import urllib.request; "
+    "print(urllib.request.urlopen('http://127.0.0.1:15000/config_dump', timeout=5).read().decode())"
+)
 SIDECAR_FILES = """
 import json, os
 keys = []

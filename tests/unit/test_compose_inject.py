@@ -249,20 +249,57 @@ def test_skipped_services_are_reported_with_the_reason() -> None:
         "app: injected",
         "migrate: skipped (x-meshlet.inject: false)",
         "host-agent: skipped (x-meshlet.inject: false)",
-        "cron: skipped (no TCP port to serve: add expose: [PORT] or x-meshlet.ports: [PORT])",
+        "cron: injected (outbound only: no port declared, so it calls the mesh but serves "
+        "nothing through it; add x-meshlet.ports: [PORT] to mesh what it serves)",
         "meshlet-node: skipped (a meshlet service, left as it is)",
         "meshlet-control-plane: added",
     )
 
 
 def test_a_file_with_nothing_to_inject_comes_back_unchanged() -> None:
-    text = "services:\n  cron:\n    image: example/cron  # no port\n"
+    text = (
+        "services:\n  cron:\n    image: example/cron  # left out\n    x-meshlet: {inject: false}\n"
+    )
     result = inject(text, source="t.yml", settings=SETTINGS)
     assert result.text == text and result.changed is False
-    assert result.report == (
-        "cron: skipped (no TCP port to serve: add expose: [PORT] or x-meshlet.ports: [PORT])",
-    )
+    assert result.report == ("cron: skipped (x-meshlet.inject: false)",)
     assert uninject(text, source="t.yml").text == text
+
+
+def test_a_service_without_a_port_gets_an_outbound_only_sidecar() -> None:
+    """A worker or a job calls the mesh by name (so it needs a sidecar and an identity)
+    but serves nothing: its sidecar runs without --app-port and registers no endpoint."""
+    text = "services:\n  worker:\n    image: example/worker  # calls orders, serves nothing\n"
+    result = inject(text, source="t.yml", settings=SETTINGS)
+    services = _data(result.text)["services"]
+    assert services["worker"]["network_mode"] == "service:worker-meshlet"
+    cmd = services["worker-meshlet"]["command"]
+    assert cmd[cmd.index("--service") + 1] == "demo/worker"
+    assert "--app-port" not in cmd and "--app-protocol" not in cmd and "--label" not in cmd
+    assert services["worker-meshlet"]["networks"] == {"default": {"aliases": ["worker"]}}
+    assert "NET_ADMIN" in services["worker-meshlet-init"]["cap_add"]
+    assert result.report[0] == (
+        "worker: injected (outbound only: no port declared, so it calls the mesh but serves "
+        "nothing through it; add x-meshlet.ports: [PORT] to mesh what it serves)"
+    )
+    assert uninject(result.text, source="t.yml").text == text
+    assert inject(result.text, source="t.yml", settings=SETTINGS).text == result.text
+
+
+def test_a_port_set_from_the_environment_is_named_in_the_report() -> None:
+    text = 'services:\n  api:\n    image: example/api\n    expose: ["${API_PORT}"]\n'
+    result = inject(text, source="t.yml", settings=SETTINGS)
+    assert result.report[0].startswith(
+        "api: injected (outbound only: its port '${API_PORT}' is set from the environment"
+    )
+
+
+def test_labels_on_a_service_without_a_port_are_refused() -> None:
+    text = "services:\n  worker:\n    image: w\n    x-meshlet: {labels: {version: v2}}\n"
+    with pytest.raises(InputError) as e:
+        inject(text, source="t.yml", settings=SETTINGS)
+    assert str(e.value).startswith("t.yml: service 'worker': x-meshlet.labels")
+    assert "no TCP port" in str(e.value) and "expose: [PORT]" in str(e.value)
 
 
 def test_own_control_plane_without_healthcheck_is_waited_for_as_started() -> None:

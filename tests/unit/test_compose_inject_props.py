@@ -79,8 +79,20 @@ services = st.fixed_dictionaries(
         "x-meshlet": options,
     },
 )
+
+
+def _labels_need_a_port(svc: dict[str, Any]) -> dict[str, Any]:
+    """Labels describe serving replicas: a service with labels gets a port of its own
+    (without one, inject refuses them, as it should)."""
+    opts = svc.get("x-meshlet", {})
+    if opts.get("labels"):
+        free = next(p for p in (8080, 8081, 8082) if p not in opts.get("exclude-ports", []))
+        svc = {**svc, "expose": [*svc.get("expose", []), str(free)]}
+    return svc
+
+
 documents = st.fixed_dictionaries(
-    {"services": st.dictionaries(names, services, min_size=1, max_size=4)},
+    {"services": st.dictionaries(names, services.map(_labels_need_a_port), min_size=1, max_size=4)},
     optional={
         "volumes": st.dictionaries(names, st.none(), min_size=1, max_size=2),
         "networks": st.dictionaries(names, st.none(), min_size=1, max_size=2),
@@ -91,6 +103,11 @@ flows = st.booleans()
 
 
 def _write(doc: dict[str, Any], style: tuple[int, int, int], flow: bool) -> str:
+    services = CommentedMap()  # a one-line flow service ({image: x}) that inject changes
+    for name, svc in doc["services"].items():  # gets its end-of-line comment moved right
+        services[name] = CommentedMap(svc)  # on uninject (the same known limitation)
+        services[name].fa.set_block_style()
+    doc = {**doc, "services": services}
     for key in ("volumes", "networks"):  # inject adds an entry to these: a flow mapping's
         if key in doc:  # end-of-line comment would move right (a known limitation)
             block = CommentedMap(doc[key])

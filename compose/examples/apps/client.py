@@ -4,9 +4,7 @@ For: the examples' clients and the tests. ``python client.py URL [--count N]
 [--every SECONDS]`` prints one JSON line per call (``{"status": 200, "body": ...}`` or
 ``{"error": ...}``) and, with ``--count``, a last line ``{"summary": {version/replica:
 calls}}``. Each call is a new connection, as a simple client makes them.
-``--serve PORT`` also answers ``ok`` on 127.0.0.1:PORT, so that a client can have a
-sidecar (a sidecar is ready when its app accepts connections); without a URL it only
-serves.
+It serves nothing: injected, its sidecar is outbound only.
 Must never: run unbounded when ``--count`` is given; it stops after N calls.
 """
 
@@ -14,30 +12,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import http.server
 import json
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
-
-
-class _Ok(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", "3")
-        self.end_headers()
-        self.wfile.write(b"ok\n")
-
-    def log_message(self, *_: object) -> None:
-        pass
-
-
-def serve(port: int) -> http.server.ThreadingHTTPServer:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Ok)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
 
 
 def call(url: str, timeout: float) -> dict[str, object]:
@@ -57,18 +36,11 @@ def call(url: str, timeout: float) -> dict[str, object]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("url", nargs="?")
+    parser.add_argument("url")
     parser.add_argument("--count", type=int, default=0, help="calls to make (0: forever)")
     parser.add_argument("--every", type=float, default=1.0, help="seconds between calls")
     parser.add_argument("--timeout", type=float, default=5.0)
-    parser.add_argument("--serve", type=int, metavar="PORT", help="answer ok on this port")
     args = parser.parse_args()
-    if args.serve:
-        serve(args.serve)
-    if args.url is None:
-        if not args.serve:
-            parser.error("give a URL to call, or --serve PORT")
-        threading.Event().wait()
     seen: collections.Counter[str] = collections.Counter()
     n = 0
     while args.count == 0 or n < args.count:
