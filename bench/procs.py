@@ -95,11 +95,19 @@ class Proc:
     """One child process, its output in a log file, stopped by its PID."""
 
     def __init__(self, name: str, args: list[str], log: Path, env: dict[str, str] | None = None):
-        self.name, self.args, self.log = name, args, log
-        with log.open("ab") as out:
-            self.popen = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env
+        self.name, self.args, self.log, self.env = name, args, log, env
+        self.popen = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        with self.log.open("ab") as out:
+            return subprocess.Popen(
+                self.args, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=self.env
             )
+
+    def restart(self) -> None:
+        """Stop it (by PID) and start a fresh process with the same arguments."""
+        self.stop()
+        self.popen = self._spawn()
 
     @property
     def pid(self) -> int:

@@ -351,8 +351,9 @@ def render(results: Mapping[str, Any], *, results_file: str, charts: Sequence[st
         "- gRPC: HAProxy runs `mode http` with HTTP/2 on every leg (`proto h2`, ALPN h2 "
         "between the hops). Both proxies allow 8,000 concurrent connections per path (the "
         "sidecars' breaker `max_connections`, HAProxy's `maxconn`).",
-        "- Memory is measured once per proxy, on fresh processes, before the other "
-        "workloads. The control-plane figures are meshlet's alone (no comparison); its "
+        "- Memory is measured before the other workloads, in interleaved rounds "
+        "(meshlet, haproxy, meshlet, …; as many as the runs), each round on freshly "
+        "started hops; the table shows the medians. The control-plane figures are meshlet's alone (no comparison); its "
         "`rss empty` is read after the watcher fan-out, just before the endpoints are added.",
         f"- {sizes.get('runs', '?')} runs per variant, interleaved (direct, meshlet, haproxy, "
         "direct, …); the tables show medians. Proxy CPU is user + system time of both hops' "

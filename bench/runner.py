@@ -24,7 +24,7 @@ from typing import Any
 
 from bench import procs
 from bench.clients import ClientWorker, MiB
-from bench.stats import interleave, medians, parse_wrk, ratio, vcpu_per_krps_per_hop
+from bench.stats import interleave, median, medians, parse_wrk, ratio, vcpu_per_krps_per_hop
 from bench.topology import Topology
 from bench.workloads import HOPS, VARIANTS, WORKLOADS, Sizes, Workload
 
@@ -148,51 +148,95 @@ def run_workload(
     )
 
 
+MEMORY_VARIANTS = ("meshlet", "haproxy")
+HOP_NAMES = ("outbound", "inbound")
+
+
 def measure_memory(
-    topo: Topology, worker: ClientWorker, counts: Sequence[int], settle_s: float, say: Say
+    topo: Topology,
+    worker: ClientWorker,
+    counts: Sequence[int],
+    settle_s: float,
+    say: Say,
+    runs: int = 3,
 ) -> dict[str, Any]:
     """RSS of both hops idle, then holding ``counts`` idle proxied connections (echo
-    path; each proven end to end by one echoed byte)."""
-    out: dict[str, Any] = {"counts": list(counts), "variants": {}}
-    for variant in ("meshlet", "haproxy"):
-        hops = topo.proxies(variant, "echo")
-        names = ["outbound", "inbound"]
-        time.sleep(settle_s)
-        idle = {n: procs.rss_kib(p.pid) for n, p in zip(names, hops, strict=True)}
-        row: dict[str, Any] = {"idle_kib": idle, "loaded": []}
-        held = 0
-        try:
-            for n in counts:
-                t0 = time.perf_counter()
-                worker.call("hold", timeout=600, port=topo.port(variant, "echo"), count=n - held)
-                opened = time.perf_counter() - t0
-                held = n
-                time.sleep(settle_s)
-                rss = {k: procs.rss_kib(p.pid) for k, p in zip(names, hops, strict=True)}
-                per = {k: (rss[k] - idle[k]) / n for k in names}
-                row["loaded"].append(
-                    {
-                        "connections": n,
-                        "rss_kib": rss,
-                        "kib_per_conn": per,
-                        "open_s": opened,
-                    }
-                )
-                say(
-                    f"   memory       {variant:<8} {n} idle conns: "
-                    + ", ".join(
-                        f"{k} {rss[k] / 1024:.1f} MiB ({per[k]:.1f} KiB/conn)" for k in names
-                    )
-                )
-        finally:
-            worker.call("release", timeout=300)
-        say(
-            f"   memory       {variant:<8} idle: "
-            + ", ".join(f"{k} {idle[k] / 1024:.1f} MiB" for k in names)
-        )
-        out["variants"][variant] = row
+    path; each proven end to end by one echoed byte). ``runs`` rounds, interleaved
+    (meshlet haproxy meshlet …), each on freshly started hops; per figure, the median."""
+    rounds: dict[str, list[dict[str, Any]]] = {v: [] for v in MEMORY_VARIANTS}
+    for i, variant in interleave(MEMORY_VARIANTS, runs):
+        if i > 0:  # the first round runs on the processes the topology just started
+            topo.restart(variant, "echo")
+        rounds[variant].append(_memory_round(topo, worker, variant, counts, settle_s, i, runs, say))
         topo.check_alive()
-        time.sleep(settle_s)
+    return {
+        "counts": list(counts),
+        "runs": runs,
+        "variants": {v: combine_memory_rounds(rounds[v]) for v in MEMORY_VARIANTS},
+    }
+
+
+def _memory_round(
+    topo: Topology,
+    worker: ClientWorker,
+    variant: str,
+    counts: Sequence[int],
+    settle_s: float,
+    i: int,
+    runs: int,
+    say: Say,
+) -> dict[str, Any]:
+    hops = topo.proxies(variant, "echo")
+    time.sleep(settle_s)
+    idle = {n: procs.rss_kib(p.pid) for n, p in zip(HOP_NAMES, hops, strict=True)}
+    row: dict[str, Any] = {"idle_kib": idle, "loaded": []}
+    held = 0
+    try:
+        for n in counts:
+            t0 = time.perf_counter()
+            worker.call("hold", timeout=600, port=topo.port(variant, "echo"), count=n - held)
+            opened = time.perf_counter() - t0
+            held = n
+            time.sleep(settle_s)
+            rss = {k: procs.rss_kib(p.pid) for k, p in zip(HOP_NAMES, hops, strict=True)}
+            per = {k: (rss[k] - idle[k]) / n for k in HOP_NAMES}
+            row["loaded"].append(
+                {"connections": n, "rss_kib": rss, "kib_per_conn": per, "open_s": opened}
+            )
+    finally:
+        worker.call("release", timeout=300)
+    say(
+        f"   memory       {variant:<8} run {i + 1}/{runs}  idle "
+        + ", ".join(f"{k} {idle[k] / 1024:.1f} MiB" for k in HOP_NAMES)
+        + "".join(
+            f"; {r['connections']} conns "
+            + ", ".join(f"{k} {r['kib_per_conn'][k]:.1f} KiB/conn" for k in HOP_NAMES)
+            for r in row["loaded"]
+        )
+    )
+    time.sleep(settle_s)
+    return row
+
+
+def combine_memory_rounds(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The rounds of one variant as one row of medians (per hop, per connection count:
+    idle RSS, RSS, KiB per connection, time to open), with every round kept."""
+    hops = list(rounds[0]["idle_kib"]) if rounds else []
+    out: dict[str, Any] = {
+        "idle_kib": {h: median(r["idle_kib"][h] for r in rounds) for h in hops},
+        "loaded": [],
+        "rounds": list(rounds),
+    }
+    for j in range(min((len(r["loaded"]) for r in rounds), default=0)):
+        at = [r["loaded"][j] for r in rounds]
+        out["loaded"].append(
+            {
+                "connections": at[0]["connections"],
+                "rss_kib": {h: median(a["rss_kib"][h] for a in at) for h in hops},
+                "kib_per_conn": {h: median(a["kib_per_conn"][h] for a in at) for h in hops},
+                "open_s": median(a["open_s"] for a in at),
+            }
+        )
     return out
 
 
@@ -365,7 +409,7 @@ def run(
             if with_memory:
                 with phase("memory"):
                     results["memory"] = measure_memory(
-                        topo, worker, sizes.idle_conns, sizes.settle_s, say
+                        topo, worker, sizes.idle_conns, sizes.settle_s, say, runs=sizes.runs
                     )
             for wl in selected:
                 with phase(wl.id):

@@ -80,6 +80,7 @@ class Topology:
         self.inbound: dict[str, Proc] = {}  # path → its inbound sidecar
         self.client_sidecar: Proc | None = None
         self.client_admin = 0
+        self.admins: dict[str, int] = {}  # path → its inbound sidecar's admin port
         self.haproxy: dict[str, Proc] = {}
         self.ha_env: dict[str, str] = {}
 
@@ -102,6 +103,18 @@ class Topology:
         if variant == "haproxy":
             return [self.haproxy["outbound"], self.haproxy["inbound"]]
         return []
+
+    def restart(self, variant: str, path: str) -> None:
+        """Fresh processes for both hops of ``variant`` on ``path``, ready for traffic:
+        each memory round starts from them, as the first does."""
+        for proc in self.proxies(variant, path):
+            proc.restart()
+        if variant == "meshlet":
+            self._wait_sidecars([path, "client"])
+            return
+        for hop in haproxy_config.HOPS:
+            port = int(self.ha_env[haproxy_config.env_name(hop, path)])
+            wait_until(f"HAProxy {hop} on {port}", functools.partial(port_open, port), 30)
 
     def check_alive(self) -> None:
         for p in self.procs:
@@ -209,7 +222,7 @@ class Topology:
         for p in PATHS:
             put(p.name, [{"port": p.mesh_port, "protocol": p.mesh_protocol}])
         put("client", [{"port": 80}])
-        admins: dict[str, int] = {}
+        admins = self.admins
         for p in PATHS:
             app_protocol = {"tcp": "tcp", "http": "http", "grpc": "grpc"}[p.mesh_protocol]
             proc, admins[p.name] = self._sidecar(
@@ -227,8 +240,15 @@ class Topology:
             "client", self.app_ports["echo"], upstreams
         )
         wait_apps()
-        for name, proc in [*self.inbound.items(), ("client", self.client_sidecar)]:
-            admin = self.client_admin if name == "client" else admins[name]
+        self._wait_sidecars([*self.inbound, "client"])
+
+    def _wait_sidecars(self, names: list[str]) -> None:
+        """``names`` (paths, or "client") ready, and the client sidecar knowing every
+        path's endpoint."""
+        for name in names:
+            proc = self.client_sidecar if name == "client" else self.inbound[name]
+            admin = self.client_admin if name == "client" else self.admins[name]
+            assert proc is not None
             wait_until(
                 f"sidecar bench/{name} ready",
                 functools.partial(http_ok, f"http://127.0.0.1:{admin}/ready"),

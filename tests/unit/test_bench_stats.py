@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: `bench`
 
+from bench.runner import combine_memory_rounds
 from bench.stats import (
     interleave,
     median,
@@ -113,3 +114,30 @@ def test_wrk_report_yields_rate_percentiles_and_errors() -> None:
 def test_wrk_report_without_a_rate_is_an_error_that_shows_the_output() -> None:
     with pytest.raises(ValueError, match=r"(?s)no Requests/sec line.*unable to connect"):
         parse_wrk("unable to connect to 127.0.0.1:1 Connection refused\n")
+
+
+def test_memory_rounds_combine_into_medians_per_hop_and_count() -> None:
+    def round_(idle: float, per: float, opened: float) -> dict[str, object]:
+        loaded = [
+            {"connections": n, "rss_kib": {"outbound": idle + per * n, "inbound": idle},
+             "kib_per_conn": {"outbound": per, "inbound": 0.0}, "open_s": opened}
+            for n in (1000, 5000)
+        ]  # fmt: skip
+        return {"idle_kib": {"outbound": idle, "inbound": idle}, "loaded": loaded}
+
+    rounds = [round_(70_000, 30.0, 1.0), round_(90_000, 50.0, 3.0), round_(80_000, 31.0, 2.0)]
+    row = combine_memory_rounds(rounds)
+    assert row["idle_kib"] == {"outbound": 80_000, "inbound": 80_000}
+    assert [r["connections"] for r in row["loaded"]] == [1000, 5000]
+    assert row["loaded"][0]["kib_per_conn"] == {"outbound": 31.0, "inbound": 0.0}
+    assert row["loaded"][1]["rss_kib"]["outbound"] == 80_000 + 31.0 * 5000
+    assert row["loaded"][0]["open_s"] == 2.0
+    assert row["rounds"] == rounds  # every round is kept in the results
+
+
+def test_a_round_cut_short_limits_the_combined_counts() -> None:
+    full = {"idle_kib": {"outbound": 1.0}, "loaded": [
+        {"connections": n, "rss_kib": {"outbound": 2.0}, "kib_per_conn": {"outbound": 1.0},
+         "open_s": 0.1} for n in (1000, 5000)]}  # fmt: skip
+    short = {**full, "loaded": full["loaded"][:1]}
+    assert [r["connections"] for r in combine_memory_rounds([full, short])["loaded"]] == [1000]
