@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import hashlib
 import json
 import os
@@ -530,6 +531,101 @@ def test_an_overflowing_breaker_answers_unavailable_at_once_with_the_reason(mesh
         assert metadata["x-meshlet-overflow"] == "requests"
         assert sidecar_metric(mesh.web, "meshlet_breaker_overflow_total", service="shop/orders",
                               kind="requests") >= 1  # fmt: skip
+    finally:
+        mesh.set_policy(h2_policy())
+
+
+def set_pages_policy(mesh: H2Mesh, policy: dict[str, Any]) -> None:
+    """PUT the pages policy and wait until the web sidecar runs on it."""
+    answer = mesh.cp.call("PUT", "/v1/services/shop/pages",
+                          {"ports": [{"port": 8080, "protocol": "http"}], "policy": policy})  # fmt: skip
+    assert answer.status == 200, answer
+    revision = mesh.cp.revision()
+    wait_for(lambda: mesh.web.json("/config_dump")["revision"] >= revision,
+             f"the web sidecar reaches revision {revision}")  # fmt: skip
+
+
+def test_streams_beyond_one_connection_overflow_max_connections_at_once(mesh: H2Mesh) -> None:
+    """Envoy's HTTP/2 semantics: max_connections counts connections to the service, and
+    many streams share one. With max_connections 1 the pages sidecar's connection takes
+    its 100 streams (its SETTINGS_MAX_CONCURRENT_STREAMS); a stream that would need one
+    more connection is answered 503 at once, saying why, and never reaches the app."""
+    policy = h2_policy()
+    policy["circuit_breaker"] = {"max_connections": 1}
+    set_pages_policy(mesh, policy)
+    t = tag()
+    try:
+
+        async def scenario() -> list[tuple[int, dict[bytes, bytes]]]:
+            # 240 streams: more than two connections' worth, should earlier tests have
+            # left more than one pooled connection open (they are not closed by the limit)
+            clients = [await connect(mesh.http_local) for _ in range(3)]
+            head = [*request("/slow?0.2"), (b"x-tag", t.encode())]
+            streams = [c.open_stream(head, end_stream=True) for c in clients for _ in range(80)]
+            out = []
+            for stream in streams:
+                answer = dict(await stream.response())
+                while await stream.read() is not None:
+                    pass
+                out.append((int(answer[b":status"]), answer))
+            for c in clients:
+                await c.shutdown(1.0)
+            return out
+
+        answers = run(scenario)
+        statuses = collections.Counter(status for status, _ in answers)
+        assert set(statuses) <= {200, 503} and statuses[503] >= 1 and statuses[200] >= 100, statuses
+        for status, head in answers:
+            if status == 503:
+                assert head[b"x-meshlet-overflow"] == b"connections", head
+        reached = mesh.apps["pages-0"].output().count(f"request /slow?0.2 {t}\n")
+        assert reached == statuses[200]  # the overflowed ones never reached the app
+        assert sidecar_metric(mesh.web, "meshlet_breaker_overflow_total", service="shop/pages",
+                              kind="connections") >= statuses[503]  # fmt: skip
+    finally:
+        set_pages_policy(mesh, h2_policy())
+
+
+def test_per_try_timeouts_move_a_grpc_call_on_only_when_the_policy_allows_it(
+    mesh: H2Mesh,
+) -> None:
+    """retries.per_try_timeout_s: the try is abandoned (its stream reset, which the server
+    sees as a cancellation). A gRPC call is a POST that may have had its effect, so it
+    goes again only with ``non_idempotent: true``, to a replica not yet tried; when the
+    tries are spent the caller gets DEADLINE_EXCEEDED with the attempts counted."""
+
+    async def body(ch: grpc.aio.Channel, t: str) -> tuple[grpc.aio.AioRpcError, float]:
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await ch.unary_unary("/test.Echo/Slow")(b"3", timeout=10, metadata=md(t))
+        return err.value, time.monotonic() - started
+
+    def attempts(err: grpc.aio.AioRpcError) -> str:
+        metadata = dict(tuple(err.trailing_metadata() or ()) + tuple(err.initial_metadata() or ()))
+        return str(metadata["x-meshlet-attempts"])
+
+    try:
+        for non_idempotent, tries in ((False, 1), (True, 2)):
+            policy = h2_policy()
+            policy["retries"] = {
+                "per_try_timeout_s": 0.3, "attempts": 2, "non_idempotent": non_idempotent,
+            }  # fmt: skip
+            mesh.set_policy(policy)
+            t = tag()
+            err, took = with_channel(mesh, functools.partial(body, t=t))
+            assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err
+            assert "per-try timeout" in (err.details() or ""), err
+            assert took < 2.5  # tries of 0.3 s, not the handler's 3 s
+            assert attempts(err) == str(tries)
+            calls = [mesh.stats(name, t)["tag"] for name, _ in H2_REPLICAS]
+            assert sorted(calls) == ([0, 1] if tries == 1 else [1, 1])  # one try per replica
+            wait_for(
+                lambda t=t, calls=calls: (
+                    [mesh.stats(n, t)["cancelled"] for n, _ in H2_REPLICAS] == calls
+                ),
+                "each try's handler cancelled when its time was up",
+                timeout=5,
+            )
     finally:
         mesh.set_policy(h2_policy())
 
