@@ -630,6 +630,43 @@ def test_per_try_timeouts_move_a_grpc_call_on_only_when_the_policy_allows_it(
         mesh.set_policy(h2_policy())
 
 
+def test_per_try_timeouts_retry_a_plain_http2_get_and_end_in_504(mesh: H2Mesh) -> None:
+    """A GET over h2c is idempotent: after each per-try timeout its stream to the app is
+    reset and it goes again; when the tries are spent the app gets 504, with the
+    attempts counted."""
+    policy = h2_policy()
+    policy["routes"] = [{"name": "all"}]  # no route timeout: only the per-try one
+    policy["retries"] = {"per_try_timeout_s": 0.2, "attempts": 2}
+    set_pages_policy(mesh, policy)
+    t = tag()
+    try:
+
+        async def scenario() -> tuple[dict[bytes, bytes], bytes, float]:
+            client = await connect(mesh.http_local)
+            started = time.monotonic()
+            stream = client.open_stream([*request("/slow?3"), (b"x-tag", t.encode())],
+                                        end_stream=True)  # fmt: skip
+            head = dict(await stream.response())
+            body = b""
+            while (chunk := await stream.read()) is not None:
+                body += chunk
+            took = time.monotonic() - started
+            await client.shutdown(1.0)
+            return head, body, took
+
+        head, body, took = run(scenario)
+        assert head[b":status"] == b"504", (head, body)
+        assert head[b"x-meshlet-attempts"] == b"2"
+        assert b"per-try timeout" in body
+        assert took < 2.0  # two tries of 0.2 s, not the app's 3 s
+        app = mesh.apps["pages-0"]
+        wait_for(lambda: app.output().count(f"reset {t}\n") == 2,
+                 "both tries' streams reset at the app", timeout=5)  # fmt: skip
+        assert app.output().count(f"request /slow?3 {t}\n") == 2
+    finally:
+        set_pages_policy(mesh, h2_policy())
+
+
 def test_one_access_log_line_per_call_on_both_sidecars_and_grpc_metrics(mesh: H2Mesh) -> None:
     request_id = f"log-{tag()}"
 
