@@ -49,8 +49,8 @@ from meshlet.errors import MeshError
 from node import lab_netns as nsio
 from node import lab_state
 from node.lab import Lab, meshlet_argv, wait_until
-from node.lab_containers import INTERCEPT_TABLE, _attached, sidecar_argv, sidecar_ready
-from node.lab_scenario import BENCH, SIDECAR_ADMIN_PORT, SIDECAR_DNS, Layout, ServiceSpec
+from node.lab_containers import _attached, intercept, sidecar_argv, sidecar_ready, start_sidecar
+from node.lab_scenario import BENCH, SIDECAR_ADMIN_PORT, Layout, ServiceSpec
 
 PREFIX = "mlt-blab"
 RUN_DIR = Path("/run/meshlet/bench-lab")
@@ -121,18 +121,10 @@ def _box(lab: Lab, layout: Layout, name: str, node: str, spec: ServiceSpec | Non
     address = str(attached["address"])
     box = Box(name=name, netns=netns, node=node, address=address, mtu=int(attached["mtu"]))
     if spec is not None:
-        init = meshlet_argv(
-            "sidecar", "init", "--outbound-port", "15001", "--inbound-port", "15006",
-            "--dns", SIDECAR_DNS, "--proxy-uid", "0",
-        )  # fmt: skip
-        lab.journal.add(
-            "nft", lab_state.nft_id(netns, INTERCEPT_TABLE), netns=netns,
-            table=INTERCEPT_TABLE, purpose="interception (meshlet sidecar init)",
-        )  # fmt: skip
-        nsio.check(nsio.run(netns, init), f"`meshlet sidecar init` in {netns}")
+        intercept(lab, netns)
         argv = sidecar_argv(lab, layout, spec, name, node, address)
         argv += ["--log-level", "warning"]
-        box.sidecar = lab.spawn(f"sidecar-{name}", "sidecar", netns, argv).pid
+        box.sidecar = start_sidecar(lab, netns, name, argv).pid
     return box
 
 

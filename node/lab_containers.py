@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,35 @@ def sidecar_argv(
     )  # fmt: skip
 
 
+# The sidecar keeps root's uid (the code and the run directory may sit in a 0700 home,
+# and uid 0 is what interception exempts) but none of its power: every capability is
+# dropped save NET_BIND_SERVICE (its DNS listens on port 53), and no_new_privs holds, so
+# it cannot change the interception rules, the routes or anything of the node's.
+SIDECAR_PRIVILEGES = ("setpriv", "--bounding-set=-all,+net_bind_service", "--inh-caps=-all",
+                      "--no-new-privs")  # fmt: skip
+
+
+def intercept(lab: Lab, netns: str) -> None:
+    """`meshlet sidecar init` in ``netns``: every uid's TCP and DNS but root's (the
+    sidecar's) goes to the sidecar."""
+    init = meshlet_argv(
+        "sidecar", "init", "--outbound-port", "15001", "--inbound-port", "15006",
+        "--dns", SIDECAR_DNS, "--proxy-uid", "0",
+    )  # fmt: skip
+    lab.journal.add(
+        "nft", lab_state.nft_id(netns, INTERCEPT_TABLE), netns=netns, table=INTERCEPT_TABLE,
+        purpose="interception (meshlet sidecar init)",
+    )  # fmt: skip
+    nsio.check(nsio.run(netns, init), f"`meshlet sidecar init` in {netns}")
+
+
+def start_sidecar(
+    lab: Lab, netns: str, name: str, argv: list[str], **fields: Any
+) -> subprocess.Popen[bytes]:
+    """The sidecar of replica ``name``, without privileges (SIDECAR_PRIVILEGES)."""
+    return lab.spawn(f"sidecar-{name}", "sidecar", netns, [*SIDECAR_PRIVILEGES, *argv], **fields)
+
+
 def _attached(stdout: str, netns: str) -> dict[str, Any]:
     """`meshlet node attach --json`'s answer, with the address checked."""
     try:
@@ -146,15 +176,7 @@ def add_replica(
     address = str(attached["address"])
     fields["address"] = address
     lab.journal.add("replica", rid, **fields)
-    init = meshlet_argv(
-        "sidecar", "init", "--outbound-port", "15001", "--inbound-port", "15006",
-        "--dns", SIDECAR_DNS, "--proxy-uid", "0",
-    )  # fmt: skip
-    lab.journal.add(
-        "nft", lab_state.nft_id(netns, INTERCEPT_TABLE), netns=netns, table=INTERCEPT_TABLE,
-        purpose="interception (meshlet sidecar init)",
-    )  # fmt: skip
-    nsio.check(nsio.run(netns, init), f"`meshlet sidecar init` in {netns}")
+    intercept(lab, netns)
     source = APPS_SOURCE.read_bytes() if spec.app != "redis" else None
     role = "load" if spec.client else "app"
     lab.spawn(
@@ -166,13 +188,8 @@ def add_replica(
         stdin_data=source,
         replica=rid,
     )
-    lab.spawn(
-        f"sidecar-{name}",
-        "sidecar",
-        netns,
-        sidecar_argv(lab, layout, spec, name, node, address),
-        replica=rid,
-    )
+    start_sidecar(lab, netns, name, sidecar_argv(lab, layout, spec, name, node, address),
+                  replica=rid)  # fmt: skip
     return fields
 
 

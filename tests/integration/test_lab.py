@@ -333,6 +333,39 @@ def test_up_says_where_to_look_and_traffic_crosses_nodes(lab: Lab) -> None:
     assert "shop/load" not in table
 
 
+def privileges(pid: int) -> tuple[int, int, bool]:
+    """The effective uid, capability mask and no_new_privs of ``pid``."""
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return (
+        int(status["Uid"].split()[1]),
+        int(status["CapEff"], 16),
+        status["NoNewPrivs"].strip() == "1",
+    )
+
+
+def test_sidecars_hold_no_privilege_but_binding_their_dns_port(lab: Lab) -> None:
+    """The sidecars keep uid 0 (what interception exempts) but no capability save
+    NET_BIND_SERVICE, for their DNS on port 53: they cannot touch the interception rules
+    or the routes. The control plane's and nodes' processes are not sidecars."""
+    net_bind_service = 1 << 10
+    sidecars = [(n, p) for n, p, _ in recorded_processes(lab.run_dir) if n.startswith("sidecar-")]
+    assert len(sidecars) >= 8
+    for name, pid in sidecars:
+        if Path(f"/proc/{pid}").exists():
+            assert privileges(pid) == (0, net_bind_service, True), name
+    # and still it serves: a name answered through both sidecars
+    out = subprocess.run(
+        ["ip", "netns", "exec", f"{PREFIX}-load-0", "setpriv", "--reuid=65534", "--regid=65534",
+         "--clear-groups", "curl", "-sS", "--max-time", "10", "http://web:8080/"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout)
+    assert answer["replica"] == "web-0" and answer["upstream"]["replica"].startswith("orders-")
+
+
 def test_scale_orders_to_four_keeps_the_vip_and_the_new_replica_serves(lab: Lab) -> None:
     vip = lab.vip("shop/orders")
     out = ok(lab_cmd(lab.run_dir, "scale", "shop/orders=4"))
