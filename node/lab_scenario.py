@@ -173,6 +173,7 @@ _BENCH_PATHS: tuple[tuple[str, int, str], ...] = (
     ("bulk", 9000, "tcp"),
     ("echo", 9001, "tcp"),
     ("http", 8080, "http"),
+    ("httpl4", 8081, "tcp"),  # nginx again, relayed as TCP: wrk through L4
     ("grpc", 50051, "grpc"),
     ("client", 9001, "tcp"),
 )

@@ -114,8 +114,18 @@ def test_splice_replaces_an_old_section_and_keeps_the_rest_of_the_page() -> None
 def test_the_bench_scenario_declares_every_path_the_lab_bench_dials() -> None:
     bench = scenario("bench")
     keys = {s.key: s for s in bench.services}
-    assert {"bench/bulk", "bench/echo", "bench/http", "bench/grpc", "bench/client"} == set(keys)
+    assert {
+        "bench/bulk",
+        "bench/echo",
+        "bench/http",
+        "bench/httpl4",
+        "bench/grpc",
+        "bench/client",
+    } == set(keys)
+    assert keys["bench/httpl4"].protocol == "tcp"  # wrk through L4 across the overlay too
     assert keys["bench/http"].protocol == "http" and keys["bench/grpc"].protocol == "grpc"
     assert all(s.replicas == 0 for s in bench.services)  # the bench builds its containers
     assert VARIANTS == ("direct", "direct-overlay", "meshlet-overlay")
-    assert {"bulk", "pingpong", "http-c1", "http-c32", "grpc-c1", "churn"} <= set(WORKLOAD_IDS)
+    assert {"bulk", "pingpong", "http-c1", "http-c32", "http-l4-c32", "grpc-c1", "churn"} <= set(
+        WORKLOAD_IDS
+    )
