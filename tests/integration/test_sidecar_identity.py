@@ -368,7 +368,9 @@ async def test_root_rotation_reaches_a_running_sidecar_through_discovery(
             added = await asyncio.to_thread(certs_cli, *rotate, "--step", "add")
             assert added.returncode == 0, added.stderr
             reloaded = await asyncio.to_thread(cp.call, "POST", "/v1/ca/reload")
-            assert reloaded.status == 200 and reloaded.data["changed"] is True
+            # The control plane also polls its CA files, so it may have taken the new root
+            # itself a moment before this call ("changed": false): either way it serves it.
+            assert reloaded.status == 200, reloaded
             two_roots = reloaded.data["bundle_fingerprint"]
             assert two_roots != start.bundle_fingerprint
             await until(lambda: identity.contexts.bundle_fingerprint == two_roots, "new bundle")
