@@ -213,7 +213,9 @@ async def run(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> None:
     dns_server = await _start_dns(cfg, lambda: discovery.catalog)
     channels = ChannelHolder(cfg.control_plane_mtls, identity)
     # An outbound-only workload serves nothing, so it has no endpoint to register.
-    registrar = None if cfg.app_port is None else _registrar(cfg, inbound.port, channels, rt)
+    registrar = (
+        None if cfg.app_port is None else _registrar(cfg, cfg.app_port, inbound.port, channels, rt)
+    )
     drained = asyncio.Event()
 
     async def drain() -> None:
@@ -302,15 +304,14 @@ async def run(cfg: SidecarConfig, stop: asyncio.Event | None = None) -> None:
 
 
 def _registrar(
-    cfg: SidecarConfig, inbound_port: int, channels: ChannelHolder, rt: Runtime
+    cfg: SidecarConfig, app_port: int, inbound_port: int, channels: ChannelHolder, rt: Runtime
 ) -> Registrar:
-    assert cfg.app_port is not None
     endpoint = Endpoint(
         id=cfg.resolved_endpoint_id,
         namespace=cfg.namespace,
         service=cfg.service,
         address=cfg.address,
-        app_port=cfg.app_port,
+        app_port=app_port,
         inbound_port=inbound_port,
         node=cfg.node,
         labels=dict(cfg.labels),

@@ -566,12 +566,14 @@ class H2Mesh:
     def arrived(self) -> int:
         return sum(self.stats(name)["arrived"] for name, _ in H2_REPLICAS)
 
-    def set_policy(self, policy: dict[str, Any]) -> None:
-        """PUT the orders policy and wait until the web sidecar runs on it."""
+    def set_policy(self, policy: dict[str, Any], service: str = "orders") -> None:
+        """PUT the policy of ``service`` (orders: grpc, pages: http) and wait until the web
+        sidecar runs on it."""
+        protocol = {"orders": "grpc", "pages": "http"}[service]
         answer = self.cp.call(
             "PUT",
-            "/v1/services/shop/orders",
-            {"ports": [{"port": 8080, "protocol": "grpc"}], "policy": policy},
+            f"/v1/services/shop/{service}",
+            {"ports": [{"port": 8080, "protocol": protocol}], "policy": policy},
         )
         assert answer.status == 200, answer
         revision = self.cp.revision()

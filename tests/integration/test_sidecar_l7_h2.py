@@ -535,16 +535,6 @@ def test_an_overflowing_breaker_answers_unavailable_at_once_with_the_reason(mesh
         mesh.set_policy(h2_policy())
 
 
-def set_pages_policy(mesh: H2Mesh, policy: dict[str, Any]) -> None:
-    """PUT the pages policy and wait until the web sidecar runs on it."""
-    answer = mesh.cp.call("PUT", "/v1/services/shop/pages",
-                          {"ports": [{"port": 8080, "protocol": "http"}], "policy": policy})  # fmt: skip
-    assert answer.status == 200, answer
-    revision = mesh.cp.revision()
-    wait_for(lambda: mesh.web.json("/config_dump")["revision"] >= revision,
-             f"the web sidecar reaches revision {revision}")  # fmt: skip
-
-
 def test_streams_beyond_one_connection_overflow_max_connections_at_once(mesh: H2Mesh) -> None:
     """Envoy's HTTP/2 semantics: max_connections counts connections to the service, and
     many streams share one. With max_connections 1 the pages sidecar's connection takes
@@ -552,7 +542,7 @@ def test_streams_beyond_one_connection_overflow_max_connections_at_once(mesh: H2
     more connection is answered 503 at once, saying why, and never reaches the app."""
     policy = h2_policy()
     policy["circuit_breaker"] = {"max_connections": 1}
-    set_pages_policy(mesh, policy)
+    mesh.set_policy(policy, "pages")
     t = tag()
     try:
 
@@ -583,7 +573,7 @@ def test_streams_beyond_one_connection_overflow_max_connections_at_once(mesh: H2
         assert sidecar_metric(mesh.web, "meshlet_breaker_overflow_total", service="shop/pages",
                               kind="connections") >= statuses[503]  # fmt: skip
     finally:
-        set_pages_policy(mesh, h2_policy())
+        mesh.set_policy(h2_policy(), "pages")
 
 
 def test_per_try_timeouts_move_a_grpc_call_on_only_when_the_policy_allows_it(
@@ -637,7 +627,7 @@ def test_per_try_timeouts_retry_a_plain_http2_get_and_end_in_504(mesh: H2Mesh) -
     policy = h2_policy()
     policy["routes"] = [{"name": "all"}]  # no route timeout: only the per-try one
     policy["retries"] = {"per_try_timeout_s": 0.2, "attempts": 2}
-    set_pages_policy(mesh, policy)
+    mesh.set_policy(policy, "pages")
     t = tag()
     try:
 
@@ -664,7 +654,7 @@ def test_per_try_timeouts_retry_a_plain_http2_get_and_end_in_504(mesh: H2Mesh) -
                  "both tries' streams reset at the app", timeout=5)  # fmt: skip
         assert app.output().count(f"request /slow?3 {t}\n") == 2
     finally:
-        set_pages_policy(mesh, h2_policy())
+        mesh.set_policy(h2_policy(), "pages")
 
 
 def test_one_access_log_line_per_call_on_both_sidecars_and_grpc_metrics(mesh: H2Mesh) -> None:

@@ -5,7 +5,6 @@ Istio's client-only workloads). Real control plane, real sidecar processes, echo
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import socket
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from control_plane_helpers import ControlPlaneProcess
+from l7_helpers import wait_for
 from sidecar_helpers import Proc, Sidecar, echo_app, exchange, free_port
 
 TD = "outbound-only.test"
@@ -29,16 +29,6 @@ class Mesh:
     orders: Sidecar
     worker: Sidecar
     local: int  # the worker's local port for shop/orders:8080
-
-
-def wait_for(predicate: object, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError, KeyError, IndexError, AssertionError):
-            if predicate():  # type: ignore[operator]
-                return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting: {what}")
 
 
 @pytest.fixture(scope="module")
